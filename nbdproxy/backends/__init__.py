@@ -1,0 +1,1 @@
+"""Backends: where image bytes live. Only NBD for now."""

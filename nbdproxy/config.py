@@ -1,0 +1,114 @@
+"""Settings of `nbdproxy serve`: defaults < <conf-dir>/nbdproxy.conf < conf.d/*.conf < flags.
+
+INI files have one section, [nbdproxy], whose keys are the long flags with '_' for '-'.
+"""
+
+import configparser
+import glob
+import os
+
+from .errors import ConfigError
+
+SECTION = "nbdproxy"
+
+# name: (type, default). Types convert the text of an INI value or a flag.
+SETTINGS = {
+    "control_socket": (str, "/run/nbdproxy/control.sock"),
+    "control_group": (str, ""),
+    "local_socket": (str, "@/org/nbdproxy"),
+    "host": (str, "::"),
+    "port": (int, 54322),
+    "cert_file": (str, ""),
+    "key_file": (str, ""),
+    "no_tls": (bool, False),
+    "log_level": (str, "INFO"),
+    "buffer_size": (int, 8 * 1024**2),
+    "max_connections": (int, 64),
+    "nbd_connections": (int, 8),
+    "remove_timeout": (int, 60),
+    "stop_timeout": (int, 30),
+}
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+class Config:
+    def __init__(self, values):
+        self.__dict__.update(values)
+
+    @property
+    def local_address(self):
+        """The local socket as bind() takes it: a path, "\\0NAME" for @NAME, or None when off."""
+        if self.local_socket in ("", "none"):
+            return None
+        if self.local_socket.startswith("@"):
+            return "\0" + self.local_socket[1:]
+        return self.local_socket
+
+
+def _convert(name, kind, text):
+    if kind is bool:
+        if isinstance(text, bool):
+            return text
+        lowered = str(text).strip().lower()
+        if lowered in ("1", "yes", "true", "on"):
+            return True
+        if lowered in ("0", "no", "false", "off"):
+            return False
+        raise ConfigError(f"{name}: expecting a boolean, not {text!r}")
+    if kind is int:
+        try:
+            return int(text)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expecting an integer, not {text!r}") from None
+    return str(text).strip()
+
+
+def conf_files(conf_dir):
+    files = [os.path.join(conf_dir, "nbdproxy.conf")]
+    files += sorted(glob.glob(os.path.join(conf_dir, "conf.d", "*.conf")))
+    return [f for f in files if os.path.isfile(f)]
+
+
+def load(conf_dir, flags):
+    """Merge defaults, the INI files under conf_dir and the flags given (None = not given)."""
+    values = {name: default for name, (_, default) in SETTINGS.items()}
+    parser = configparser.ConfigParser(interpolation=None)
+    for path in conf_files(conf_dir):
+        try:
+            with open(path) as f:
+                parser.read_file(f, path)
+        except (OSError, configparser.Error) as e:
+            raise ConfigError(f"cannot read {path}: {e}") from None
+    if parser.has_section(SECTION):
+        for key, text in parser.items(SECTION):
+            if key not in SETTINGS:
+                raise ConfigError(f"unknown setting {key!r} in [{SECTION}] of {conf_dir}")
+            values[key] = _convert(key, SETTINGS[key][0], text)
+    for key, value in flags.items():
+        if value is not None:
+            values[key] = _convert(key, SETTINGS[key][0], value)
+    check(values)
+    return Config(values)
+
+
+def check(values):
+    if not -1 <= values["port"] <= 65535:
+        raise ConfigError(f"port: {values['port']} is not -1, 0 or a TCP port")
+    size = values["buffer_size"]
+    if size < 256 * 1024 or size > 1024**3 or size % 4096:
+        raise ConfigError(f"buffer_size: {size} must be 256 KiB to 1 GiB, a multiple of 4096")
+    if values["max_connections"] < 1:
+        raise ConfigError("max_connections: must be at least 1")
+    if not 1 <= values["nbd_connections"] <= 64:
+        raise ConfigError("nbd_connections: must be from 1 to 64")
+    if values["log_level"].upper() not in LOG_LEVELS:
+        raise ConfigError(f"log_level: {values['log_level']!r} is not one of {LOG_LEVELS}")
+    values["log_level"] = values["log_level"].upper()
+    for key in ("remove_timeout", "stop_timeout"):
+        if values[key] < 0:
+            raise ConfigError(f"{key}: must be >= 0")
+    if values["port"] != -1 and not values["no_tls"]:
+        if not (values["cert_file"] and values["key_file"]):
+            raise ConfigError("the TCP service needs cert_file and key_file for TLS "
+                              "(or no_tls, or port -1 to turn it off)")

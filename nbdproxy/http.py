@@ -1,0 +1,330 @@
+"""The HTTP/1.1 connection loop: the stdlib parses request heads; we frame bodies and stream answers.
+
+One thread serves one connection. Bodies are read with readinto and written from memoryviews, so
+no data is copied in Python on the way between the socket and NBD.
+"""
+
+import http.server
+import logging
+import socket
+import time
+import urllib.parse
+
+import webob
+
+from . import __version__, errors
+
+log = logging.getLogger("nbdproxy.http")
+
+MAX_REQUEST_LINE = 4096
+MAX_CHUNK_LINE = 1024
+
+# Bodies smaller than this go out in the same send as the head.
+SMALL_BODY = 64 * 1024
+
+
+class Body:
+    """The request body (wsgi.input), framed by Content-Length or chunked encoding.
+
+    A client that sent `Expect: 100-continue` gets `100 Continue` when the body is first read, so
+    a request refused before that never makes the client send its body.
+    """
+
+    def __init__(self, handler, length, chunked, expect_continue):
+        self._handler = handler
+        self._rfile = handler.rfile
+        self._remaining = length
+        self._chunked = chunked
+        self._chunk_left = 0
+        self._expect_continue = expect_continue
+        self.received = 0
+        self.done = length == 0 and not chunked
+
+    @property
+    def complete(self):
+        return self.done
+
+    def _continue(self):
+        if self._expect_continue:
+            self._expect_continue = False
+            self._handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def readinto(self, buf):
+        """Read at most len(buf) bytes into buf; 0 at the end of the body."""
+        if self.done or not len(buf):
+            return 0
+        self._continue()
+        if self._chunked:
+            return self._readinto_chunked(buf)
+        n = self._readinto_raw(memoryview(buf)[:min(len(buf), self._remaining)])
+        self._remaining -= n
+        if self._remaining == 0:
+            self.done = True
+        return n
+
+    def read(self, size=-1):
+        out = bytearray()
+        chunk = bytearray(min(size, 1024**2) if size >= 0 else 1024**2)
+        while size < 0 or len(out) < size:
+            view = memoryview(chunk)[:len(chunk) if size < 0 else min(len(chunk), size - len(out))]
+            n = self.readinto(view)
+            if not n:
+                break
+            out += view[:n]
+        return bytes(out)
+
+    def _readinto_raw(self, view):
+        try:
+            n = self._rfile.readinto(view)
+        except (OSError, ValueError) as e:
+            raise errors.ClientGone(f"reading the request body failed: {e}") from None
+        if not n:
+            raise errors.ClientGone("the client closed the connection before the end of the body")
+        self.received += n
+        return n
+
+    def _readline(self):
+        try:
+            line = self._rfile.readline(MAX_CHUNK_LINE + 1)
+        except OSError as e:
+            raise errors.ClientGone(f"reading the request body failed: {e}") from None
+        if not line.endswith(b"\n"):
+            if not line:
+                raise errors.ClientGone("the client closed the connection inside a chunked body")
+            raise errors.BadRequest("Invalid chunked body: line too long")
+        return line.strip()
+
+    def _readinto_chunked(self, buf):
+        if self._chunk_left == 0:
+            size_field = self._readline().split(b";", 1)[0].strip()
+            try:
+                self._chunk_left = int(size_field, 16)
+            except ValueError:
+                raise errors.BadRequest(f"Invalid chunk size {size_field[:20]!r}") from None
+            if self._chunk_left < 0:
+                raise errors.BadRequest("Invalid chunk size")
+            if self._chunk_left == 0:
+                while self._readline():     # trailers, up to the empty line
+                    pass
+                self.done = True
+                return 0
+        n = self._readinto_raw(memoryview(buf)[:min(len(buf), self._chunk_left)])
+        self._chunk_left -= n
+        if self._chunk_left == 0 and self._readline():
+            raise errors.BadRequest("Invalid chunked body: chunk not followed by CRLF")
+        return n
+
+
+class Connection:
+    """One client connection: its idle timeout, the tickets it used, its reusable buffer, totals."""
+
+    _next_id = 0
+
+    def __init__(self, sock, service, address):
+        Connection._next_id += 1
+        self.id = Connection._next_id
+        self.sock = sock
+        self.service = service
+        self.address = address
+        self.tickets = set()
+        self.busy = False
+        self.requests = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.started = time.monotonic()
+        self._buffer = None
+
+    def use_ticket(self, ticket):
+        if ticket not in self.tickets:
+            self.tickets.add(ticket)
+            ticket.add_connection(self)
+        self.sock.settimeout(ticket.inactivity_timeout or None)
+
+    def buffer(self, size):
+        if self._buffer is None or len(self._buffer) != size:
+            self._buffer = bytearray(size)
+        return self._buffer
+
+    def shutdown(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self):
+        for ticket in self.tickets:
+            ticket.remove_connection(self)
+        log.info("connection closed id=%d service=%s requests=%d in=%d out=%d seconds=%.3f",
+                 self.id, self.service.name, self.requests, self.bytes_in, self.bytes_out,
+                 time.monotonic() - self.started)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves the requests of one connection through the service's app."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "nbdproxy/" + __version__
+
+    def version_string(self):
+        return self.server_version
+
+    def __init__(self, sock, address, service, connection):
+        self.connection_state = connection
+        self.service = service
+        super().__init__(sock, address, service)
+
+    # Parsing
+
+    def handle_one_request(self):
+        conn = self.connection_state
+        try:
+            line = self.rfile.readline(MAX_REQUEST_LINE + 3)
+        except (TimeoutError, OSError):
+            self.close_connection = True
+            return
+        if not line:
+            self.close_connection = True
+            return
+        conn.busy = True
+        try:
+            if len(line.rstrip(b"\r\n")) > MAX_REQUEST_LINE:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(414, "Request line too long")
+                return
+            self.raw_requestline = line
+            if not self.parse_request():
+                return
+            conn.requests += 1
+            self._dispatch()
+        finally:
+            conn.busy = False
+            if self.service.stopping:
+                self.close_connection = True
+
+    def handle_expect_100(self):
+        # Answered by Body when the handler starts reading, not before the handler has run.
+        return True
+
+    def _environ(self):
+        target = self.path
+        if target.startswith(("http://", "https://")):
+            target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
+        path, _, query = target.partition("?")
+        environ = {
+            "REQUEST_METHOD": self.command,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": urllib.parse.unquote(path, "latin-1"),
+            "QUERY_STRING": query,
+            "SERVER_NAME": "localhost",
+            "SERVER_PORT": "0",
+            "SERVER_PROTOCOL": self.request_version,
+            "REMOTE_ADDR": str(self.client_address),
+            "wsgi.url_scheme": "https" if self.service.tls else "http",
+            "wsgi.version": (1, 0),
+            "wsgi.errors": None,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "nbdproxy.connection": self.connection_state,
+        }
+        for name, value in self.headers.items():
+            key = name.upper().replace("-", "_")
+            if key not in ("CONTENT_LENGTH", "CONTENT_TYPE"):
+                key = "HTTP_" + key
+            environ[key] = environ[key] + "," + value if key in environ else value
+        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        if chunked:
+            environ.pop("CONTENT_LENGTH", None)
+            length = None
+        else:
+            value = environ.get("CONTENT_LENGTH", "0") or "0"
+            # A bad Content-Length is the handler's 400; the body is then left unread.
+            length = int(value) if value.isdigit() else -1
+        expect = environ.get("HTTP_EXPECT", "").lower() == "100-continue"
+        body = Body(self, length, chunked, expect)
+        if length == -1:
+            body.done = False
+        environ["wsgi.input"] = body
+        return environ
+
+    # Answering
+
+    def _dispatch(self):
+        environ = self._environ()
+        body = environ["wsgi.input"]
+        req = webob.Request(environ)
+        resp = self.service.app.respond(req, self.connection_state)
+        if not body.complete:
+            resp.headers["Connection"] = "close"
+        if resp.headers.get("Connection", "").lower() == "close":
+            self.close_connection = True
+        self.connection_state.bytes_in += body.received
+        self._send(resp)
+
+    def _send(self, resp):
+        app_iter = resp.app_iter
+        try:
+            self.send_response(resp.status_code, resp.status.split(" ", 1)[1])
+            for name, value in resp.headerlist:
+                if name not in ("Server", "Date"):
+                    self.send_header(name, value)
+            if self.command == "HEAD":
+                self.end_headers()
+                return
+            if isinstance(app_iter, list) and sum(map(len, app_iter)) <= SMALL_BODY:
+                self._headers_buffer.append(b"\r\n")
+                self._headers_buffer.extend(app_iter)
+                self.flush_headers()
+                self.connection_state.bytes_out += sum(map(len, app_iter))
+                return
+            self.end_headers()
+            self._stream(app_iter)
+        except errors.ClientGone as e:
+            log.info("client gone: %s", e)
+            self.close_connection = True
+        except OSError as e:
+            log.info("sending the response failed: %s", e)
+            self.close_connection = True
+        finally:
+            close = getattr(app_iter, "close", None)
+            if close is not None:
+                close()
+
+    def _stream(self, app_iter):
+        """Send the body; if the data source fails after the head went out, close the connection."""
+        write = self.wfile.write
+        conn = self.connection_state
+        try:
+            for chunk in app_iter:
+                write(chunk)
+                conn.bytes_out += len(chunk)
+        except OSError:
+            raise
+        except Exception as e:
+            self.close_connection = True
+            if isinstance(e, errors.Canceled):
+                log.info("stopped sending: %s", e)
+            else:
+                log.error("response failed after its head was sent: %s", e,
+                          exc_info=not isinstance(e, errors.BackendError))
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors found by the stdlib parser: text/plain, and the connection closes."""
+        self.close_connection = True
+        reason = self.responses.get(code, ("Error",))[0]
+        body = ((message or reason) + "\n").encode("utf-8", "replace")
+        try:
+            self.send_response(code, reason)
+            self.send_header("Content-Type", "text/plain; charset=UTF-8")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:
+            pass
+
+    def log_request(self, code="-", size="-"):
+        pass
+
+    def log_message(self, format, *args):
+        log.debug("%s: " + format, self.connection_state.id, *args)

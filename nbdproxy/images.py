@@ -1,0 +1,295 @@
+"""Handlers of /images/{ticket}: OPTIONS, GET and HEAD (download), PUT (upload), PATCH (zero, flush)."""
+
+import json
+import re
+import time
+
+import webob
+
+from . import errors
+
+# Features of a read-only ticket, and what a writable one adds (API.md 1).
+READ_FEATURES = ["checksum", "extents"]
+WRITE_FEATURES = ["checksum", "extents", "flush", "zero"]
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+|\*)/(\d+|\*)")
+
+# A PATCH body is a small JSON object; anything larger is not one of ours.
+MAX_PATCH_BODY = 64 * 1024
+
+
+def json_response(obj, status=200, **headers):
+    body = json.dumps(obj, separators=(",", ":")).encode() + b"\n"
+    resp = webob.Response(status=status, body=body, content_type="application/json",
+                          charset=None)
+    resp.headers.update(headers)
+    return resp
+
+
+def empty_response(status=200, **headers):
+    resp = webob.Response(status=status, body=b"", charset=None)
+    del resp.headers["Content-Type"]
+    resp.headers.update(headers)
+    return resp
+
+
+def authorize(ctx, ticket_id, op):
+    ticket = ctx.registry.authorize(ticket_id, op)
+    ctx.connection.use_ticket(ticket)
+    return ticket
+
+
+# OPTIONS
+
+def options(ctx, req, ticket_id):
+    if ticket_id == "*":
+        info = {"features": WRITE_FEATURES}
+        if ctx.local_socket:
+            info["unix_socket"] = ctx.local_socket
+        return json_response(info, Allow="OPTIONS,GET,PUT,PATCH")
+    ticket = authorize(ctx, ticket_id, "read")
+    with ticket.backend.handle() as h:
+        size = h.size
+    writable = ticket.may("write")
+    info = {
+        "features": WRITE_FEATURES if writable else READ_FEATURES,
+        "max_readers": ticket.backend.limit,
+        "max_writers": ticket.backend.limit,
+        "size": size,
+    }
+    if ctx.local_socket:
+        info["unix_socket"] = ctx.local_socket
+    if ticket.transfer_id is not None:
+        info["transfer_id"] = ticket.transfer_id
+    ticket.touch()
+    return json_response(info, Allow="OPTIONS,GET,PUT,PATCH" if writable else "OPTIONS,GET")
+
+
+# GET and HEAD
+
+def parse_range(header):
+    """(start, end_inclusive or None) from a Range header; None without one; 416 if unusable."""
+    if header is None:
+        return None
+    m = _RANGE.fullmatch(header.strip())
+    if not m:
+        raise errors.RangeNotSatisfiable(f"Unsupported range {header!r}", None)
+    start = int(m[1])
+    end = int(m[2]) if m[2] else None
+    if end is not None and end < start:
+        raise errors.RangeNotSatisfiable(f"Invalid range {header!r}", None)
+    return start, end
+
+
+def get(ctx, req, ticket_id, head=False):
+    requested = parse_range(req.headers.get("Range"))
+    ticket = authorize(ctx, ticket_id, "read")
+    pool = ticket.backend
+    h = pool.acquire()
+    try:
+        offset, length, status = _download_range(requested, ticket.size, h.size)
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "Content-Disposition": ("attachment; filename=" + ticket.filename
+                                    if ticket.filename else "attachment"),
+            "Accept-Ranges": "bytes",
+            "Content-Length": str(length),
+        }
+        if status == 206:
+            headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{ticket.size}"
+        stream = None if head else Download(ctx, ticket, h, offset, length)
+    except BaseException:
+        pool.release(h)
+        raise
+    if stream is None:
+        pool.release(h)
+        ticket.touch()
+    resp = webob.Response(status=status, charset=None)
+    if stream is not None:
+        resp.app_iter = stream
+    # Set last: webob drops Content-Length when app_iter is set.
+    resp.headerlist = list(headers.items())
+    return resp
+
+
+def head(ctx, req, ticket_id):
+    return get(ctx, req, ticket_id, head=True)
+
+
+def _download_range(requested, ticket_size, export_size):
+    if requested is None:
+        return 0, min(ticket_size, export_size), 200
+    start, end = requested
+    for size in (ticket_size, export_size):
+        if start >= size or (end is not None and end >= size):
+            raise errors.RangeNotSatisfiable("Requested range not satisfiable", size)
+    if end is None:
+        end = min(ticket_size, export_size) - 1
+    return start, end - start + 1, 206
+
+
+class Download:
+    """The body of a GET: NBD reads streamed as they complete. close() always ends the operation."""
+
+    def __init__(self, ctx, ticket, h, offset, length):
+        self.ticket = ticket
+        self.h = h
+        self.buf = ctx.connection.buffer(ctx.buffer_size)
+        self.offset = offset
+        self.length = length
+        self.operation = ticket.start("read", offset, length)
+        self.ok = False
+        self.closed = False
+
+    def __iter__(self):
+        for view in self.h.read(self.buf, self.offset, self.length):
+            yield view
+            self.operation.progress(len(view))
+        self.ok = True
+
+    def close(self):
+        if self.closed:
+            return
+        self.closed = True
+        self.ticket.backend.release(self.h, reuse=self.ok)
+        self.ticket.finish(self.operation, self.ok)
+
+
+# PUT
+
+def _content_length(req):
+    value = req.environ.get("CONTENT_LENGTH")
+    if value in (None, ""):
+        if req.environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
+            return None
+        raise errors.BadRequest("Content-Length header is required")
+    if not value.isdigit():
+        raise errors.BadRequest(f"Invalid Content-Length {value!r}")
+    return int(value)
+
+
+def _put_offset(req):
+    header = req.headers.get("Content-Range")
+    if header is None:
+        return 0
+    m = _CONTENT_RANGE.fullmatch(header.strip())
+    if not m:
+        raise errors.BadRequest(f"Invalid Content-Range {header!r}")
+    start = int(m[1])
+    end = None if m[2] == "*" else int(m[2])
+    total = None if m[3] == "*" else int(m[3])
+    if end is not None and end < start:
+        raise errors.BadRequest(f"Invalid Content-Range {header!r}: end before start")
+    if end is not None and total is not None and end >= total:
+        raise errors.BadRequest(f"Invalid Content-Range {header!r}: end past the total")
+    return start
+
+
+def _flush_param(req):
+    value = req.GET.get("flush", "y")
+    if value not in ("y", "n"):
+        raise errors.BadRequest(f"Invalid flush value {value!r}, expecting 'y' or 'n'")
+    return value == "y"
+
+
+def _check_write_range(ticket, h, offset, length):
+    for size in (ticket.size, h.size):
+        if offset + length > size:
+            raise errors.RangeNotSatisfiable(
+                f"Requested range {offset}-{offset + length} is past the image size {size}", size)
+
+
+def put(ctx, req, ticket_id):
+    length = _content_length(req)
+    offset = _put_offset(req)
+    flush = _flush_param(req)
+    ticket = authorize(ctx, ticket_id, "write")
+    if length is None:
+        return ctx.put_chunked(ctx, req, ticket, offset, flush)
+    with ticket.backend.handle() as h:
+        _check_write_range(ticket, h, offset, length)
+        operation = ticket.start("write", offset, length)
+        ok = False
+        try:
+            body = req.environ["wsgi.input"]
+            h.write(body.readinto, ctx.connection.buffer(ctx.buffer_size), offset, length,
+                    operation.progress)
+            if flush:
+                ticket.backend.flush(h)
+            ok = True
+        finally:
+            ticket.finish(operation, ok)
+    return empty_response(200)
+
+
+# PATCH
+
+def _json_body(req):
+    value = req.environ.get("CONTENT_LENGTH") or "0"
+    if not value.isdigit() or int(value) > MAX_PATCH_BODY:
+        raise errors.BadRequest("PATCH body must be a JSON object of at most 64 KiB")
+    data = req.environ["wsgi.input"].read(int(value))
+    try:
+        msg = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.BadRequest(f"Invalid JSON: {e}") from None
+    if not isinstance(msg, dict):
+        raise errors.BadRequest("PATCH body must be a JSON object")
+    return msg
+
+
+def _int_key(msg, key, default=None):
+    if key not in msg:
+        if default is None:
+            raise errors.BadRequest(f"Missing {key!r}")
+        return default
+    value = msg[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise errors.BadRequest(f"Invalid {key!r}: {value!r}, expecting an integer >= 0")
+    return value
+
+
+def patch(ctx, req, ticket_id):
+    msg = _json_body(req)
+    op = msg.get("op")
+    if op == "zero":
+        offset = _int_key(msg, "offset", 0)
+        size = _int_key(msg, "size")
+        flush = msg.get("flush", False)
+        if not isinstance(flush, bool):
+            raise errors.BadRequest(f"Invalid 'flush': {flush!r}, expecting a boolean")
+        return _zero(ctx, ticket_id, offset, size, flush)
+    if op == "flush":
+        return _flush(ctx, ticket_id)
+    raise errors.BadRequest(f"Unknown or missing op {op!r}, expecting 'zero' or 'flush'")
+
+
+def _zero(ctx, ticket_id, offset, size, flush):
+    ticket = authorize(ctx, ticket_id, "write")
+    with ticket.backend.handle() as h:
+        _check_write_range(ticket, h, offset, size)
+        operation = ticket.start("zero", offset, size)
+        ok = False
+        try:
+            for n in h.zero(offset, size, ticket.sparse, ctx.connection.buffer(ctx.buffer_size)):
+                operation.progress(n)
+            if flush:
+                ticket.backend.flush(h)
+            ok = True
+        finally:
+            ticket.finish(operation, ok)
+    return empty_response(200)
+
+
+def _flush(ctx, ticket_id):
+    ticket = authorize(ctx, ticket_id, "write")
+    with ticket.backend.handle() as h:
+        operation = ticket.start("flush")
+        ok = False
+        try:
+            ticket.backend.flush(h)
+            ok = True
+        finally:
+            ticket.finish(operation, ok)
+    return empty_response(200)

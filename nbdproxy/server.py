@@ -1,0 +1,305 @@
+"""The daemon: binds the control, local and remote services, serves them, and stops cleanly."""
+
+import errno
+import grp
+import logging
+import os
+import selectors
+import signal
+import socket
+import ssl
+import stat
+import threading
+import time
+
+from . import http, metrics, tickets
+from .app import App
+from .backends import nbd as nbd_backend
+from .errors import ConfigError
+
+log = logging.getLogger("nbdproxy.server")
+
+# Idle timeout of a connection before it used a ticket (API.md 5), and of a TLS handshake.
+INITIAL_TIMEOUT = 60
+
+
+def _unix_listener(address, mode=None, group=None):
+    """A listening unix socket at a path (unlinked first if stale) or an abstract name."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not address.startswith("\0"):
+            os.makedirs(os.path.dirname(address) or ".", exist_ok=True)
+            _remove_stale(address)
+        sock.bind(address)
+        if not address.startswith("\0"):
+            if group is not None:
+                os.chown(address, -1, group)
+            os.chmod(address, mode)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on unix socket {_show(address)}: {e.strerror or e}")
+    return sock
+
+
+def _remove_stale(path):
+    if not os.path.lexists(path):
+        return
+    if stat.S_ISSOCK(os.lstat(path).st_mode):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            pass
+        else:
+            raise ConfigError(f"unix socket {path} is in use by another process")
+        finally:
+            probe.close()
+    os.unlink(path)
+
+
+def _tcp_listener(host, port):
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ConfigError(f"cannot resolve host {host!r}: {e}") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6 and host in ("::", ""):
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def _show(address):
+    return "@" + address[1:] if address.startswith("\0") else address
+
+
+def tls_context(cert_file, key_file):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot load certificate {cert_file} and key {key_file}: {e}") from None
+    return ctx
+
+
+class Service:
+    """One listening socket and its connections, each served by a thread."""
+
+    def __init__(self, name, sock, app, tls=None, limiter=None):
+        self.name = name
+        self.sock = sock
+        self.app = app
+        self.tls = tls
+        self.limiter = limiter
+        self.stopping = False
+        self.connections = set()
+        self._lock = threading.Lock()
+        self._wake_r, self._wake_w = os.pipe()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"{name}-accept",
+                                        daemon=True)
+
+    @property
+    def address(self):
+        return self.sock.getsockname()
+
+    def start(self):
+        self._thread.start()
+
+    def _accept_loop(self):
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            while not self.stopping:
+                for key, _ in sel.select():
+                    if key.fileobj is self.sock and not self.stopping:
+                        self._accept()
+
+    def _accept(self):
+        try:
+            sock, address = self.sock.accept()
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.ECONNABORTED):
+                log.warning("%s: accept failed: %s", self.name, e)
+            return
+        if self.limiter is not None and not self.limiter.acquire(blocking=False):
+            log.warning("%s: too many connections, refusing one", self.name)
+            _refuse(sock)
+            return
+        threading.Thread(target=self._serve, args=(sock, address), daemon=True,
+                         name=f"{self.name}-conn").start()
+
+    def _serve(self, sock, address):
+        conn = None
+        try:
+            sock.settimeout(INITIAL_TIMEOUT)
+            if sock.family != socket.AF_UNIX:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            conn = http.Connection(sock, self, address)
+            with self._lock:
+                self.connections.add(conn)
+            http.Handler(sock, address, self, conn)
+        except (OSError, ssl.SSLError) as e:
+            log.info("%s: connection failed: %s", self.name, e)
+        except Exception:
+            log.exception("%s: connection failed", self.name)
+        finally:
+            if conn is not None:
+                with self._lock:
+                    self.connections.discard(conn)
+                conn.close()
+            try:
+                sock.close()
+            except OSError:
+                pass
+            if self.limiter is not None:
+                self.limiter.release()
+
+    def stop_accepting(self):
+        self.stopping = True
+        os.write(self._wake_w, b"x")
+        self._thread.join()
+        address = self.sock.getsockname() if self.sock.family == socket.AF_UNIX else None
+        self.sock.close()
+        if address and isinstance(address, str) and not address.startswith("\0"):
+            try:
+                os.unlink(address)
+            except OSError:
+                pass
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def close_connections(self, busy_too):
+        with self._lock:
+            conns = list(self.connections)
+        for conn in conns:
+            if busy_too or not conn.busy:
+                conn.shutdown()
+
+    def busy(self):
+        with self._lock:
+            return sum(1 for c in self.connections if c.busy)
+
+
+def _refuse(sock):
+    body = b"Too many connections\n"
+    try:
+        sock.settimeout(1)
+        sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; "
+                     b"charset=UTF-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                     % (len(body), body))
+    except OSError:
+        pass
+    sock.close()
+
+
+class Server:
+    """The daemon: a registry of tickets and the services that serve it."""
+
+    def __init__(self, config):
+        self.config = config
+        self.registry = tickets.Registry(self._open_backend, config.remove_timeout)
+        self.metrics = metrics.Metrics(self.registry)
+        self.services = []
+        self._stop = threading.Event()
+
+    def _open_backend(self, fields):
+        pool = nbd_backend.Pool.for_ticket(fields)
+        pool.limit = self.config.nbd_connections
+        pool.metrics = self.metrics
+        return pool
+
+    def bind(self):
+        """Bind every configured service; ConfigError (after closing what was bound) on failure."""
+        cfg = self.config
+        try:
+            group = None
+            if cfg.control_group:
+                try:
+                    group = grp.getgrnam(cfg.control_group).gr_gid
+                except KeyError:
+                    raise ConfigError(f"no such group {cfg.control_group!r}") from None
+            control = _unix_listener(cfg.control_socket, 0o660 if group is not None else 0o600,
+                                     group)
+            self.services.append(Service("control", control, App("control", self.registry,
+                                                                 metrics=self.metrics)))
+            limiter = threading.BoundedSemaphore(cfg.max_connections)
+            local = cfg.local_address
+            if local:
+                sock = _unix_listener(local, 0o660)
+                self.services.append(Service("local", sock, self._data_app("local"),
+                                             limiter=limiter))
+            if cfg.port != -1:
+                sock = _tcp_listener(cfg.host, cfg.port)
+                tls = None if cfg.no_tls else tls_context(cfg.cert_file, cfg.key_file)
+                self.services.append(Service("remote", sock, self._data_app("remote"), tls,
+                                             limiter=limiter))
+        except BaseException:
+            for service in self.services:
+                service.sock.close()
+            raise
+
+    def _data_app(self, name):
+        return App(name, self.registry, self.config.buffer_size, self.config.local_address,
+                   self.metrics)
+
+    def describe(self):
+        parts = []
+        for s in self.services:
+            if s.name == "remote":
+                host, port = s.address[:2]
+                scheme = "https" if s.tls else "http"
+                parts.append(f"remote={scheme}://{'[' + host + ']' if ':' in host else host}"
+                             f":{port}")
+            else:
+                parts.append(f"{s.name}={_show(s.address)}")
+        return " ".join(parts)
+
+    def serve(self):
+        """Run until SIGTERM or SIGINT (or stop()), then stop cleanly."""
+        for service in self.services:
+            service.start()
+        log.info("nbdproxy ready %s", self.describe())
+        self._stop.wait()
+        self.shutdown()
+
+    def stop(self, *_):
+        self._stop.set()
+
+    def install_signal_handlers(self):
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def shutdown(self):
+        """No new connections; idle ones close; running requests get stop_timeout to finish."""
+        log.info("stopping")
+        for service in self.services:
+            service.stop_accepting()
+        deadline = time.monotonic() + self.config.stop_timeout
+        while True:
+            for service in self.services:
+                service.close_connections(busy_too=False)
+            busy = sum(s.busy() for s in self.services)
+            if not busy:
+                break
+            if time.monotonic() > deadline:
+                log.warning("%d requests still running after %d s; closing them",
+                            busy, self.config.stop_timeout)
+                for service in self.services:
+                    service.close_connections(busy_too=True)
+                break
+            time.sleep(0.05)
+        for ticket in self.registry.list():
+            ticket.backend.close()
+        log.info("stopped")

@@ -1,0 +1,290 @@
+"""Tickets: which image a client may read or write, and for how long; the registry that owns them.
+
+The registry is the only global mutable state of the daemon; it and each ticket own their locks.
+"""
+
+import logging
+import threading
+import time
+
+from . import errors
+
+log = logging.getLogger("nbdproxy.tickets")
+
+OPS = ("read", "write")
+
+
+def clock():
+    """The daemon's one clock (monotonic seconds); tests replace it to move time."""
+    return time.monotonic()
+
+
+def _field(data, name, kind, required=True, default=None):
+    if name not in data:
+        if required:
+            raise errors.BadRequest(f"Invalid ticket: missing {name!r}")
+        return default
+    value = data[name]
+    # bool is an int subclass in Python; a ticket's numbers must be real numbers.
+    if kind is int and isinstance(value, bool) or not isinstance(value, kind):
+        raise errors.BadRequest(
+            f"Invalid ticket: {name!r} must be {kind.__name__}, not {type(value).__name__}")
+    if kind is int and value < 0:
+        raise errors.BadRequest(f"Invalid ticket: {name!r} must be >= 0")
+    return value
+
+
+def validate(data):
+    """Return the ticket's fields from a JSON object, or raise BadRequest("Invalid ticket: ...")."""
+    if not isinstance(data, dict):
+        raise errors.BadRequest("Invalid ticket: not a JSON object")
+    fields = {
+        "uuid": _field(data, "uuid", str),
+        "size": _field(data, "size", int),
+        "ops": _field(data, "ops", list),
+        "timeout": _field(data, "timeout", int),
+        "url": _field(data, "url", str),
+        "inactivity_timeout": _field(data, "inactivity_timeout", int, False, 60),
+        "transfer_id": _field(data, "transfer_id", str, False),
+        "filename": _field(data, "filename", str, False),
+        "sparse": _field(data, "sparse", bool, False, False),
+        "dirty": _field(data, "dirty", bool, False, False),
+    }
+    if not fields["uuid"]:
+        raise errors.BadRequest("Invalid ticket: empty 'uuid'")
+    if "/" in fields["uuid"]:
+        raise errors.BadRequest("Invalid ticket: 'uuid' may not contain '/'")
+    ops = fields["ops"]
+    if not ops or any(op not in OPS for op in ops):
+        raise errors.BadRequest(f"Invalid ticket: 'ops' must be a non-empty list of {OPS}")
+    return fields
+
+
+class Ranges:
+    """A set of byte ranges kept as sorted, merged [start, end) intervals."""
+
+    def __init__(self):
+        self._intervals = []
+
+    def add(self, start, end):
+        if start >= end:
+            return
+        merged = []
+        for a, b in self._intervals:
+            if b < start or a > end:
+                merged.append((a, b))
+            else:
+                start, end = min(a, start), max(b, end)
+        merged.append((start, end))
+        merged.sort()
+        self._intervals = merged
+
+    def union_size(self, extra=()):
+        """Bytes covered by these ranges together with the (start, end) pairs in extra."""
+        total = 0
+        cur_start = cur_end = None
+        for a, b in sorted(list(self._intervals) + [r for r in extra if r[0] < r[1]]):
+            if cur_end is None or a > cur_end:
+                if cur_end is not None:
+                    total += cur_end - cur_start
+                cur_start, cur_end = a, b
+            else:
+                cur_end = max(cur_end, b)
+        if cur_end is not None:
+            total += cur_end - cur_start
+        return total
+
+
+class Operation:
+    """One running request on a ticket: its range and progress, for `transferred` and cancel."""
+
+    def __init__(self, ticket, op, offset, length):
+        self.ticket = ticket
+        self.op = op
+        self.offset = offset
+        self.length = length
+        self.done = 0
+
+    def progress(self, n):
+        """Count n more bytes moved; stop here if the ticket was canceled meanwhile."""
+        self.done += n
+        if self.ticket.canceled:
+            raise errors.Canceled("Transfer was canceled")
+
+    def check(self):
+        if self.ticket.canceled:
+            raise errors.Canceled("Transfer was canceled")
+
+
+class Ticket:
+    def __init__(self, fields, backend):
+        self.__dict__.update(fields)
+        self.backend = backend
+        self._lock = threading.Condition()
+        self._running = set()
+        self._ranges = Ranges()
+        self._connections = set()
+        self.canceled = False
+        self._expires = clock() + self.timeout
+        self._idle_since = clock()
+
+    def may(self, op):
+        # write implies read.
+        return op in self.ops or (op == "read" and "write" in self.ops)
+
+    def authorize(self, op):
+        with self._lock:
+            if self.canceled:
+                raise errors.Forbidden(f"Ticket {self.uuid} was canceled")
+            if not self._running and clock() > self._expires:
+                raise errors.Forbidden(f"Ticket {self.uuid} expired")
+        if not self.may(op):
+            raise errors.Forbidden(f"Ticket {self.uuid} forbids {op}")
+
+    def touch(self):
+        """Slide the expiry after a use of the ticket (a finished request or an OPTIONS)."""
+        with self._lock:
+            self._expires = clock() + self.timeout
+            if not self._running:
+                self._idle_since = clock()
+
+    def extend(self, timeout):
+        with self._lock:
+            self._expires = clock() + timeout
+
+    def start(self, op, offset=0, length=0):
+        with self._lock:
+            if self.canceled:
+                raise errors.Canceled(f"Ticket {self.uuid} was canceled")
+            operation = Operation(self, op, offset, length)
+            self._running.add(operation)
+            return operation
+
+    def finish(self, operation, ok):
+        with self._lock:
+            self._running.discard(operation)
+            if ok:
+                end = operation.offset + operation.done
+                self._ranges.add(operation.offset, end)
+            self._lock.notify_all()
+        self.touch()
+
+    def add_connection(self, conn):
+        with self._lock:
+            self._connections.add(conn)
+
+    def remove_connection(self, conn):
+        with self._lock:
+            self._connections.discard(conn)
+
+    @property
+    def active(self):
+        return bool(self._running)
+
+    def cancel(self, timeout):
+        """Refuse new requests, wait up to timeout seconds for running ones; True when idle."""
+        with self._lock:
+            self.canceled = True
+            deadline = clock() + timeout
+            while self._running:
+                left = deadline - clock()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.1))
+            return True
+
+    def transferred(self):
+        with self._lock:
+            running = [(o.offset, o.offset + o.done) for o in self._running]
+            return self._ranges.union_size(running)
+
+    def info(self):
+        with self._lock:
+            active = bool(self._running)
+            info = {
+                "uuid": self.uuid,
+                "size": self.size,
+                "ops": list(self.ops),
+                "timeout": self.timeout,
+                "url": self.url,
+                "inactivity_timeout": self.inactivity_timeout,
+                "sparse": self.sparse,
+                "dirty": self.dirty,
+                "active": active,
+                "canceled": self.canceled,
+                "connections": len(self._connections),
+                "expires": int(self._expires),
+                "idle_time": 0 if active else int(clock() - self._idle_since),
+            }
+        for key in ("transfer_id", "filename"):
+            if getattr(self, key) is not None:
+                info[key] = getattr(self, key)
+        # Reading and writing the same range would count twice; report only for one-op tickets.
+        if len(set(self.ops)) == 1:
+            info["transferred"] = self.transferred()
+        return info
+
+
+class Registry:
+    """All tickets, by id. open_backend(fields) makes a ticket's (unconnected) NBD backend."""
+
+    def __init__(self, open_backend, remove_timeout=60):
+        self._open_backend = open_backend
+        self.remove_timeout = remove_timeout
+        self._lock = threading.Lock()
+        self._tickets = {}
+
+    def add(self, ticket_id, data):
+        fields = validate(data)
+        if fields["uuid"] != ticket_id:
+            raise errors.BadRequest(
+                f"Invalid ticket: uuid {fields['uuid']!r} does not match the URL's {ticket_id!r}")
+        ticket = Ticket(fields, self._open_backend(fields))
+        with self._lock:
+            old = self._tickets.get(ticket_id)
+            self._tickets[ticket_id] = ticket
+        if old is not None:
+            old.canceled = True
+            if not old.active:
+                old.backend.close()
+        log.info("ticket added id=%s ops=%s size=%d url=%s",
+                 ticket_id, ",".join(fields["ops"]), fields["size"], fields["url"])
+        return ticket
+
+    def get(self, ticket_id):
+        with self._lock:
+            ticket = self._tickets.get(ticket_id)
+        if ticket is None:
+            raise errors.NotFound(f"No such ticket {ticket_id}")
+        return ticket
+
+    def authorize(self, ticket_id, op):
+        with self._lock:
+            ticket = self._tickets.get(ticket_id)
+        if ticket is None:
+            raise errors.Forbidden(f"No such ticket {ticket_id}")
+        ticket.authorize(op)
+        return ticket
+
+    def list(self):
+        with self._lock:
+            return list(self._tickets.values())
+
+    def remove(self, ticket_id):
+        """Cancel and remove a ticket; Conflict if its requests are still running at the timeout."""
+        with self._lock:
+            ticket = self._tickets.get(ticket_id)
+        if ticket is None:
+            return
+        if not ticket.cancel(self.remove_timeout):
+            raise errors.Conflict(
+                f"Ticket {ticket_id} is still in use after {self.remove_timeout} s; it stays canceled")
+        with self._lock:
+            if self._tickets.get(ticket_id) is ticket:
+                del self._tickets[ticket_id]
+        ticket.backend.close()
+        log.info("ticket removed id=%s", ticket_id)
+
+    def remove_all(self):
+        for ticket in self.list():
+            self.remove(ticket.uuid)

@@ -1,0 +1,55 @@
+"""Handlers of the control API (/tickets/...): add, show, list, extend and delete tickets."""
+
+import json
+
+from . import errors
+from .images import empty_response, json_response
+
+MAX_BODY = 64 * 1024
+
+
+def _json_body(req):
+    value = req.environ.get("CONTENT_LENGTH") or "0"
+    if not value.isdigit():
+        raise errors.BadRequest(f"Invalid Content-Length {value!r}")
+    if int(value) > MAX_BODY:
+        raise errors.BadRequest(f"Body too large: {value} bytes, at most {MAX_BODY}")
+    data = req.environ["wsgi.input"].read(int(value))
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.BadRequest(f"Invalid JSON: {e}") from None
+
+
+def put(ctx, req, ticket_id):
+    try:
+        data = _json_body(req)
+    except errors.BadRequest as e:
+        raise errors.BadRequest(f"Invalid ticket: {e}") from None
+    ctx.registry.add(ticket_id, data)
+    return empty_response(200)
+
+
+def get(ctx, req, ticket_id):
+    if ticket_id == "":
+        return json_response([t.info() for t in ctx.registry.list()])
+    return json_response(ctx.registry.get(ticket_id).info())
+
+
+def patch(ctx, req, ticket_id):
+    data = _json_body(req)
+    if not isinstance(data, dict) or "timeout" not in data:
+        raise errors.BadRequest("Expecting a JSON object with 'timeout'")
+    timeout = data["timeout"]
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
+        raise errors.BadRequest(f"Invalid timeout {timeout!r}, expecting an integer >= 0")
+    ctx.registry.get(ticket_id).extend(timeout)
+    return empty_response(200)
+
+
+def delete(ctx, req, ticket_id):
+    if ticket_id == "":
+        ctx.registry.remove_all()
+    else:
+        ctx.registry.remove(ticket_id)
+    return empty_response(204)
