@@ -100,11 +100,16 @@ class App:
 
     def respond(self, req, connection=None):
         ctx = Context(self, connection or NoConnection())
+        op = "unknown"
         try:
             handler, ticket_id = self._route(req)
-            return handler(ctx, req, ticket_id)
+            op = f"{handler.__module__.rsplit('.', 1)[-1]}.{handler.__name__}"
+            resp = handler(ctx, req, ticket_id)
         except Exception as e:
-            return error_response(e)
+            resp = error_response(e)
+        if self.metrics is not None:
+            self.metrics.request(op, resp.status_code)
+        return resp
 
     def __call__(self, environ, start_response):
         req = webob.Request(environ)

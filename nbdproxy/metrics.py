@@ -12,8 +12,8 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 class Metrics:
     """Counters owned by one server; every method is thread-safe."""
 
-    def __init__(self, registry):
-        self._registry = registry
+    def __init__(self, registry=None):
+        self.registry = registry
         self._lock = threading.Lock()
         self._requests = {}
         self._bytes = {}
@@ -46,7 +46,7 @@ class Metrics:
             self._latency_count += 1
 
     def text(self):
-        tickets = self._registry.list()
+        tickets = self.registry.list() if self.registry is not None else []
         with self._lock:
             lines = [
                 "# HELP nbdproxy_requests_total HTTP requests served, by op and status.",

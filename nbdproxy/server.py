@@ -149,6 +149,8 @@ class Service:
             conn = http.Connection(sock, self, address)
             with self._lock:
                 self.connections.add(conn)
+            if self.app.metrics is not None:
+                self.app.metrics.connection(+1)
             http.Handler(sock, address, self, conn)
         except (OSError, ssl.SSLError) as e:
             log.info("%s: connection failed: %s", self.name, e)
@@ -158,6 +160,8 @@ class Service:
             if conn is not None:
                 with self._lock:
                     self.connections.discard(conn)
+                if self.app.metrics is not None:
+                    self.app.metrics.connection(-1)
                 conn.close()
             try:
                 sock.close()
@@ -209,8 +213,9 @@ class Server:
 
     def __init__(self, config):
         self.config = config
-        self.registry = tickets.Registry(self._open_backend, config.remove_timeout)
-        self.metrics = metrics.Metrics(self.registry)
+        self.metrics = metrics.Metrics()
+        self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics)
+        self.metrics.registry = self.registry
         self.services = []
         self._stop = threading.Event()
 

@@ -104,6 +104,7 @@ class Operation:
         self.offset = offset
         self.length = length
         self.done = 0
+        self.started = time.monotonic()
 
     def progress(self, n):
         """Count n more bytes moved; stop here if the ticket was canceled meanwhile."""
@@ -117,9 +118,10 @@ class Operation:
 
 
 class Ticket:
-    def __init__(self, fields, backend):
+    def __init__(self, fields, backend, metrics=None):
         self.__dict__.update(fields)
         self.backend = backend
+        self.metrics = metrics
         self._lock = threading.Condition()
         self._running = set()
         self._ranges = Ranges()
@@ -161,6 +163,11 @@ class Ticket:
             return operation
 
     def finish(self, operation, ok):
+        seconds = time.monotonic() - operation.started
+        log.info("op=%s ticket=%s offset=%d size=%d seconds=%.3f%s", operation.op, self.uuid,
+                 operation.offset, operation.done, seconds, "" if ok else " failed")
+        if self.metrics is not None:
+            self.metrics.transferred(operation.op, operation.done)
         with self._lock:
             self._running.discard(operation)
             if ok:
@@ -228,8 +235,9 @@ class Ticket:
 class Registry:
     """All tickets, by id. open_backend(fields) makes a ticket's (unconnected) NBD backend."""
 
-    def __init__(self, open_backend, remove_timeout=60):
+    def __init__(self, open_backend, remove_timeout=60, metrics=None):
         self._open_backend = open_backend
+        self.metrics = metrics
         self.remove_timeout = remove_timeout
         self._lock = threading.Lock()
         self._tickets = {}
@@ -239,7 +247,7 @@ class Registry:
         if fields["uuid"] != ticket_id:
             raise errors.BadRequest(
                 f"Invalid ticket: uuid {fields['uuid']!r} does not match the URL's {ticket_id!r}")
-        ticket = Ticket(fields, self._open_backend(fields))
+        ticket = Ticket(fields, self._open_backend(fields), self.metrics)
         with self._lock:
             old = self._tickets.get(ticket_id)
             self._tickets[ticket_id] = ticket

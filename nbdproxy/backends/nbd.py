@@ -8,6 +8,7 @@ import contextlib
 import logging
 import re
 import threading
+import time
 import urllib.parse
 
 import nbd
@@ -75,7 +76,8 @@ def parse_url(url):
 class Handle:
     """One libnbd connection to the export, with the contexts this ticket needs."""
 
-    def __init__(self, address, dirty=False):
+    def __init__(self, address, dirty=False, metrics=None):
+        self.metrics = metrics
         self.dirty_context = None
         h = nbd.NBD()
         try:
@@ -137,10 +139,10 @@ class Handle:
                     slot = slots.popleft()
                     n = min(piece, end - pos)
                     cookie = self.h.aio_pread(nbd.Buffer.from_buffer(slot[:n]), pos)
-                    queue.append((cookie, slot, n))
+                    queue.append((cookie, slot, n, time.monotonic()))
                     pos += n
-                cookie, slot, n = queue[0]
-                self._wait(cookie)
+                cookie, slot, n, submitted = queue[0]
+                self._wait(cookie, submitted)
                 queue.popleft()
                 yield slot[:n]
                 slots.append(slot)
@@ -166,11 +168,11 @@ class Handle:
                     n = min(piece, end - pos)
                     _read_fully(readinto, slot[:n])
                     cookie = self.h.aio_pwrite(nbd.Buffer.from_buffer(slot[:n]), pos)
-                    queue.append((cookie, slot, n))
+                    queue.append((cookie, slot, n, time.monotonic()))
                     pos += n
                     continue
-                cookie, slot, n = queue[0]
-                self._wait(cookie)
+                cookie, slot, n, submitted = queue[0]
+                self._wait(cookie, submitted)
                 queue.popleft()
                 slots.append(slot)
                 on_written(n)
@@ -237,9 +239,11 @@ class Handle:
         except nbd.Error as e:
             raise errors.BackendError(f"NBD block status failed: {e}") from e
 
-    def _wait(self, cookie):
+    def _wait(self, cookie, submitted=None):
         while not self.h.aio_command_completed(cookie):
             self.h.poll(-1)
+        if submitted is not None and self.metrics is not None:
+            self.metrics.nbd_latency(time.monotonic() - submitted)
 
     def _drain(self, queue):
         """Wait for commands still in flight, so their buffers can be reused or freed."""
@@ -301,6 +305,7 @@ class Pool:
         self._idle = []
         self._all = set()
         self._closed = False
+        self.metrics = None
 
     @classmethod
     def for_ticket(cls, fields):
@@ -334,7 +339,7 @@ class Pool:
             placeholder = object()
             self._all.add(placeholder)
         try:
-            h = Handle(self.address, self.dirty)
+            h = Handle(self.address, self.dirty, self.metrics)
         finally:
             with self._cond:
                 self._all.discard(placeholder)

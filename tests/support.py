@@ -1,0 +1,219 @@
+"""Real processes for the tests: qemu-nbd, nbdkit and the nbdproxy daemon, and HTTP clients for them."""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+
+import nbd
+
+from nbdproxy.client.connections import UnixHTTPConnection
+
+TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NBDPROXY = [sys.executable, "-m", "nbdproxy"]
+
+
+def wait_for_socket(path, proc=None, timeout=10):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+        time.sleep(0.01)
+    raise TimeoutError(f"no socket at {path}")
+
+
+class NBDServer:
+    """A qemu-nbd or nbdkit process serving one export on a unix socket."""
+
+    def __init__(self, argv, sock):
+        self.sock = sock
+        self.argv = argv
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            wait_for_socket(sock, self.proc)
+        except Exception:
+            self.stop()
+            raise
+
+    @property
+    def url(self):
+        return f"nbd:unix:{self.sock}"
+
+    def kill(self, sig=signal.SIGKILL):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        self.proc.wait(10)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+
+
+def qemu_nbd(image, sock, fmt="raw", *extra):
+    return NBDServer(["qemu-nbd", "--persistent", "--shared=8", "--cache=writeback",
+                      "--format", fmt, "--socket", sock, *extra, image], sock)
+
+
+def nbdkit(sock, plugin, *args):
+    return NBDServer(["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
+                      plugin, *args], sock)
+
+
+def read_export(url_or_sock, offset=0, length=None):
+    """Read bytes of an export directly over NBD, to check what the daemon wrote."""
+    h = nbd.NBD()
+    h.connect_unix(url_or_sock)
+    try:
+        size = h.get_size()
+        length = size - offset if length is None else length
+        out = bytearray()
+        while len(out) < length:
+            n = min(32 * 1024**2, length - len(out))
+            out += h.pread(n, offset + len(out))
+        return bytes(out)
+    finally:
+        h.shutdown()
+
+
+def make_cert(tmpdir):
+    """A self-signed certificate for localhost; returns (cert, key) paths."""
+    cert = os.path.join(tmpdir, "cert.pem")
+    key = os.path.join(tmpdir, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=localhost", "-addext",
+                    "subjectAltName=DNS:localhost,IP:127.0.0.1,IP:::1",
+                    "-keyout", key, "-out", cert], check=True, capture_output=True)
+    return cert, key
+
+
+class Daemon:
+    """A running `nbdproxy serve`, its sockets, and clients for them."""
+
+    def __init__(self, tmpdir, cert=None, key=None, args=(), env=None):
+        self.tmpdir = tmpdir
+        self.control_socket = os.path.join(tmpdir, "control.sock")
+        self.local_socket = os.path.join(tmpdir, "local.sock")
+        self.cert, self.key = cert, key
+        self.log_path = os.path.join(tmpdir, "daemon.log")
+        conf_dir = os.path.join(tmpdir, "conf")
+        os.makedirs(conf_dir, exist_ok=True)
+        argv = NBDPROXY + ["serve", "--conf-dir", conf_dir,
+                           "--control-socket", self.control_socket,
+                           "--local-socket", self.local_socket,
+                           "--host", "127.0.0.1", "--port", "0", "--log-level", "DEBUG"]
+        argv += ["--cert-file", cert, "--key-file", key] if cert else ["--no-tls"]
+        argv += list(args)
+        self.log = open(self.log_path, "w+")
+        self.proc = subprocess.Popen(argv, stderr=self.log, stdout=self.log, cwd=TOP,
+                                     env=dict(os.environ, **(env or {})))
+        self.port = self._wait_ready()
+
+    def _wait_ready(self, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"nbdproxy ready .*remote=https?://\S+:(\d+)", self.read_log())
+            if m:
+                return int(m[1])
+            if "nbdproxy ready" in self.read_log():
+                return None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n"
+                                   + self.read_log())
+            time.sleep(0.02)
+        raise TimeoutError("daemon not ready:\n" + self.read_log())
+
+    def read_log(self):
+        with open(self.log_path) as f:
+            return f.read()
+
+    def stop(self, sig=signal.SIGTERM, timeout=30):
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+    # Clients
+
+    def control(self):
+        return UnixHTTPConnection(self.control_socket)
+
+    def local(self):
+        return UnixHTTPConnection(self.local_socket)
+
+    def remote(self):
+        ctx = ssl.create_default_context(cafile=self.cert)
+        return http.client.HTTPSConnection("localhost", self.port, context=ctx)
+
+    def add_ticket(self, url, size, ops=("read", "write"), ticket_id="test", **extra):
+        ticket = {"uuid": ticket_id, "size": size, "ops": list(ops), "timeout": 300,
+                  "url": url, **extra}
+        status, body = request(self.control(), "PUT", f"/tickets/{ticket_id}",
+                               json.dumps(ticket).encode())
+        assert status == 200, body
+        return ticket_id
+
+    def ticket_info(self, ticket_id="test"):
+        status, body = request(self.control(), "GET", f"/tickets/{ticket_id}")
+        assert status == 200, body
+        return json.loads(body)
+
+
+def request(conn, method, url, body=None, headers=None, close=True):
+    """One request; (status, body bytes). The connection is closed unless close=False."""
+    try:
+        conn.request(method, url, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, data
+    finally:
+        if close:
+            conn.close()
+
+
+def response(conn, method, url, body=None, headers=None):
+    """One request on a kept connection; the http.client response with its body read as .data."""
+    conn.request(method, url, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    resp.data = resp.read()
+    return resp
+
+
+def raw_exchange(address, data, timeout=5):
+    """Send raw bytes on a new connection and return all that comes back until it closes."""
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(address)
+        s.sendall(data)
+        out = b""
+        try:
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                out += chunk
+        except socket.timeout:
+            pass
+        return out
