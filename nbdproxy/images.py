@@ -29,7 +29,10 @@ def json_response(obj, status=200, **headers):
 
 def empty_response(status=200, **headers):
     resp = webob.Response(status=status, body=b"", charset=None)
-    del resp.headers["Content-Type"]
+    # webob sets no Content-Type for a 204; pop, not del, so that 204 does not fail with KeyError.
+    resp.headers.pop("Content-Type", None)
+    # API.md 0: every response has Content-Length, 0 without a body (webob omits it for 204).
+    resp.headers["Content-Length"] = "0"
     resp.headers.update(headers)
     return resp
 
@@ -205,16 +208,19 @@ def put(ctx, req, ticket_id):
     offset = _put_offset(req)
     flush = _flush_param(req)
     ticket = authorize(ctx, ticket_id, "write")
-    if length is None:
-        return ctx.put_chunked(ctx, req, ticket, offset, flush)
+    if length is not None and offset + length > ticket.size:
+        raise errors.RangeNotSatisfiable(
+            f"Requested range {offset}-{offset + length} is past the image size {ticket.size}",
+            ticket.size)
     with ticket.backend.handle() as h:
-        _check_write_range(ticket, h, offset, length)
-        operation = ticket.start("write", offset, length)
+        if length is not None:
+            _check_write_range(ticket, h, offset, length)
+        operation = ticket.start("write", offset, length or 0)
         ok = False
         try:
             body = req.environ["wsgi.input"]
             h.write(body.readinto, ctx.connection.buffer(ctx.buffer_size), offset, length,
-                    operation.progress)
+                    operation.progress, min(ticket.size, h.size), punch_hole=ticket.sparse)
             if flush:
                 ticket.backend.flush(h)
             ok = True
