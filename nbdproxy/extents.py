@@ -1,12 +1,14 @@
 """Handler of /images/{ticket}/extents: NBD block status as JSON zero or dirty extents."""
 
+import itertools
 import json
 
 import nbd
+import webob
 
 from . import errors
 from .backends.nbd import ALLOCATION, DEPTH
-from .images import authorize, json_response
+from .images import Stream, authorize, json_response
 
 CONTEXTS = ("zero", "dirty")
 
@@ -71,17 +73,38 @@ def get(ctx, req, ticket_id):
     ticket = authorize(ctx, ticket_id, "read")
     if context == "dirty" and not ticket.dirty:
         raise errors.NotFound(f"Ticket {ticket_id} does not allow dirty extents")
-    with ticket.backend.handle() as h:
+    pool = ticket.backend
+    h = pool.acquire()
+    operation = None
+    try:
         if context == "dirty" and h.dirty_context not in h.contexts:
             raise errors.NotFound("The export has no dirty bitmap")
         start, length = _window(req, h.size)
         operation = ticket.start("extents", start, 0)
-        ok = False
-        try:
-            result = []
-            for extent in iterate(h, context, start, length):
-                result.append(_as_dict(context, extent))
-            ok = True
-        finally:
-            ticket.finish(operation, ok)
-    return json_response(result)
+        extents = iterate(h, context, start, length)
+        first = list(itertools.islice(extents, MAX_BUFFERED))
+    except BaseException:
+        pool.release(h, reuse=False)
+        if operation is not None:
+            ticket.finish(operation, False)
+        raise
+    if len(first) < MAX_BUFFERED:
+        pool.release(h)
+        ticket.finish(operation, True)
+        return json_response([_as_dict(context, e) for e in first])
+    # A large map goes out as it is computed (chunked), never held whole.
+    resp = webob.Response(status=200, content_type="application/json", charset=None)
+    resp.app_iter = Stream(ticket, h, operation, _json_array(context, first, extents))
+    return resp
+
+
+def _json_array(context, first, rest):
+    """The text of a JSON array of extents, in pieces of about MAX_BUFFERED extents."""
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    yield ("[" + ",".join(dumps(_as_dict(context, e)) for e in first)).encode()
+    while True:
+        batch = list(itertools.islice(rest, MAX_BUFFERED))
+        if not batch:
+            break
+        yield ("," + ",".join(dumps(_as_dict(context, e)) for e in batch)).encode()
+    yield b"]\n"

@@ -22,6 +22,12 @@ MAX_CHUNK_LINE = 1024
 # Bodies smaller than this go out in the same send as the head.
 SMALL_BODY = 64 * 1024
 
+# After answering a request whose body we did not read, and closing, we keep reading (and
+# dropping) what the client still sends for this long and this much, so that a client busy
+# sending its body gets our answer instead of a broken pipe (a "lingering close").
+LINGER_SECONDS = 2
+LINGER_BYTES = 64 * 1024**2
+
 
 class Body:
     """The request body (wsgi.input), framed by Content-Length or chunked encoding.
@@ -201,6 +207,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if self.service.stopping:
                 self.close_connection = True
 
+    def finish(self):
+        super().finish()
+        if getattr(self, "linger", False):
+            _linger(self.request)
+
     def handle_expect_100(self):
         # Answered by Body when the handler starts reading, not before the handler has run.
         return True
@@ -256,6 +267,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         resp = self.service.app.respond(req, self.connection_state)
         if not body.complete:
             resp.headers["Connection"] = "close"
+            self.linger = True
         if resp.headers.get("Connection", "").lower() == "close":
             self.close_connection = True
         self.connection_state.bytes_in += body.received
@@ -277,8 +289,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.flush_headers()
                 self.connection_state.bytes_out += sum(map(len, app_iter))
                 return
+            # A body of unknown length (a streamed extents map) goes chunked, or to the close.
+            chunked = resp.content_length is None
+            if chunked and self.request_version == "HTTP/1.1":
+                self.send_header("Transfer-Encoding", "chunked")
+            elif chunked:
+                self.close_connection = True
+                chunked = False
             self.end_headers()
-            self._stream(app_iter)
+            self._stream(app_iter, chunked)
         except errors.ClientGone as e:
             log.info("client gone: %s", e)
             self.close_connection = True
@@ -290,14 +309,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if close is not None:
                 close()
 
-    def _stream(self, app_iter):
+    def _stream(self, app_iter, chunked=False):
         """Send the body; if the data source fails after the head went out, close the connection."""
         write = self.wfile.write
         conn = self.connection_state
         try:
             for chunk in app_iter:
-                write(chunk)
+                if chunked:
+                    if chunk:
+                        write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                else:
+                    write(chunk)
                 conn.bytes_out += len(chunk)
+            if chunked:
+                write(b"0\r\n\r\n")
         except OSError:
             raise
         except Exception as e:
@@ -311,6 +336,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """Errors found by the stdlib parser: text/plain, and the connection closes."""
         self.close_connection = True
+        self.linger = True
         reason = self.responses.get(code, ("Error",))[0]
         body = ((message or reason) + "\n").encode("utf-8", "replace")
         try:
@@ -328,3 +354,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.debug("%s: " + format, self.connection_state.id, *args)
+
+
+def _linger(sock):
+    """Close our side, then drop what the client still sends, until it closes or the limits."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + LINGER_SECONDS
+        left = LINGER_BYTES
+        buf = bytearray(64 * 1024)
+        while left > 0:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                break
+            sock.settimeout(timeout)
+            n = sock.recv_into(buf)
+            if not n:
+                break
+            left -= n
+    except (OSError, ValueError):
+        pass

@@ -101,7 +101,7 @@ def get(ctx, req, ticket_id, head=False):
         }
         if status == 206:
             headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{ticket.size}"
-        stream = None if head else Download(ctx, ticket, h, offset, length)
+        stream = None if head else _download(ctx, ticket, h, offset, length)
     except BaseException:
         pool.release(h)
         raise
@@ -132,23 +132,23 @@ def _download_range(requested, ticket_size, export_size):
     return start, end - start + 1, 206
 
 
-class Download:
-    """The body of a GET: NBD reads streamed as they complete. close() always ends the operation."""
+class Stream:
+    """A response body that uses a ticket's NBD handle while it is sent.
 
-    def __init__(self, ctx, ticket, h, offset, length):
+    close() (called by the server whether or not the body was sent) gives the handle back and
+    ends the ticket operation; a body not sent to the end counts as failed.
+    """
+
+    def __init__(self, ticket, h, operation, chunks):
         self.ticket = ticket
         self.h = h
-        self.buf = ctx.connection.buffer(ctx.buffer_size)
-        self.offset = offset
-        self.length = length
-        self.operation = ticket.start("read", offset, length)
+        self.operation = operation
+        self.chunks = chunks
         self.ok = False
         self.closed = False
 
     def __iter__(self):
-        for view in self.h.read(self.buf, self.offset, self.length):
-            yield view
-            self.operation.progress(len(view))
+        yield from self.chunks
         self.ok = True
 
     def close(self):
@@ -157,6 +157,17 @@ class Download:
         self.closed = True
         self.ticket.backend.release(self.h, reuse=self.ok)
         self.ticket.finish(self.operation, self.ok)
+
+
+def _download(ctx, ticket, h, offset, length):
+    operation = ticket.start("read", offset, length)
+
+    def chunks():
+        for view in h.read(ctx.connection.buffer(ctx.buffer_size), offset, length):
+            yield view
+            operation.progress(len(view))
+
+    return Stream(ticket, h, operation, chunks())
 
 
 # PUT
