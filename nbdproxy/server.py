@@ -79,6 +79,8 @@ def _tcp_listener(host, port):
 
 
 def _show(address):
+    if isinstance(address, bytes):      # getsockname() of an abstract unix socket
+        address = address.decode("utf-8", "surrogateescape")
     return "@" + address[1:] if address.startswith("\0") else address
 
 
