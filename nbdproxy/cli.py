@@ -79,6 +79,7 @@ def build_parser():
     p.set_defaults(run=run_ticket_action, action="extend")
     p = tsub.add_parser("list", help="print all tickets")
     p.set_defaults(run=run_ticket_action, action="list", id="")
+    add_transfer_commands(sub)
     return parser
 
 
@@ -122,3 +123,89 @@ def run_ticket_action(args):
     elif args.action == "delete":
         control.show(args.id)  # a missing ticket is an error here, not a silent 204
         control.delete(args.id)
+
+
+# download, upload, checksum: the client commands (nbdproxy.client.transfer).
+
+def add_transfer_commands(sub):
+    def common(p, verify=True):
+        p.add_argument("--connections", type=int, metavar="N",
+                       help="HTTP connections in parallel (default min(4, the server's maximum))")
+        tls = p.add_mutually_exclusive_group()
+        tls.add_argument("--cafile", metavar="FILE", help="CA certificate(s) to verify the server")
+        tls.add_argument("--insecure", action="store_true",
+                         help="do not verify the server's certificate")
+        if verify:
+            p.add_argument("--verify", action="store_true",
+                           help="compare the block hash of both sides at the end")
+        p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("download", help="download an image into a local raw or qcow2 file")
+    p.add_argument("url", metavar="URL", help="https://HOST:PORT/images/TICKET")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--format", choices=("raw", "qcow2"),
+                   help="local format (default qcow2 for *.qcow2 or with a backing file, else raw)")
+    p.add_argument("--incremental", action="store_true",
+                   help="download only the dirty extents (needs --backing-file)")
+    p.add_argument("--backing-file", metavar="FILE",
+                   help="the previous backup: FILE becomes a qcow2 on top of it")
+    common(p)
+    p.set_defaults(run=run_download)
+
+    p = sub.add_parser("upload", help="upload a local image (raw, qcow2...) to a ticket")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("url", metavar="URL", help="https://HOST:PORT/images/TICKET")
+    common(p)
+    p.set_defaults(run=run_upload)
+
+    p = sub.add_parser("checksum", help="print the block hash of a local image (or of a URL)")
+    p.add_argument("file", metavar="FILE|URL")
+    p.add_argument("--algorithm", default="blake2b")
+    p.add_argument("--block-size", type=int, default=4 * 1024**2, metavar="BYTES")
+    p.add_argument("--cafile", metavar="FILE")
+    p.add_argument("--insecure", action="store_true")
+    p.set_defaults(run=run_checksum)
+
+
+def _client_setup(args):
+    """Log warnings to stderr, and turn SIGTERM and SIGHUP into KeyboardInterrupt, so that a
+    transfer stops the same way on all of them: its finally blocks stop the local qemu-nbd."""
+    import signal
+
+    logging.basicConfig(level=logging.WARNING, format="nbdproxy: %(message)s", stream=sys.stderr)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.default_int_handler)
+
+
+def run_download(args):
+    from .client import transfer
+    from .client.progress import Progress
+
+    _client_setup(args)
+    transfer.download(args.url, args.file, fmt=args.format, incremental=args.incremental,
+                      backing_file=args.backing_file, connections=args.connections,
+                      cafile=args.cafile, secure=not args.insecure, verify=args.verify,
+                      progress=Progress("download", quiet=args.quiet))
+
+
+def run_upload(args):
+    from .client import transfer
+    from .client.progress import Progress
+
+    _client_setup(args)
+    transfer.upload(args.file, args.url, connections=args.connections, cafile=args.cafile,
+                    secure=not args.insecure, verify=args.verify,
+                    progress=Progress("upload", quiet=args.quiet))
+
+
+def run_checksum(args):
+    from .client import transfer
+    from .client.image import ImageClient
+
+    _client_setup(args)
+    if args.file.startswith(("http://", "https://")):
+        with ImageClient(args.file, args.cafile, not args.insecure) as client:
+            result = client.checksum(args.algorithm, args.block_size)
+    else:
+        result = transfer.checksum(args.file, args.algorithm, args.block_size)
+    print(json.dumps(result))
