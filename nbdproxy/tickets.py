@@ -278,13 +278,13 @@ class Registry:
         with self._lock:
             return list(self._tickets.values())
 
-    def remove(self, ticket_id):
+    def remove(self, ticket_id, timeout=None):
         """Cancel and remove a ticket; Conflict if its requests are still running at the timeout."""
         with self._lock:
             ticket = self._tickets.get(ticket_id)
         if ticket is None:
             return
-        if not ticket.cancel(self.remove_timeout):
+        if not ticket.cancel(self.remove_timeout if timeout is None else timeout):
             raise errors.Conflict(
                 f"Ticket {ticket_id} is still in use after {self.remove_timeout} s; it stays canceled")
         with self._lock:
@@ -294,5 +294,18 @@ class Registry:
         log.info("ticket removed id=%s", ticket_id)
 
     def remove_all(self):
-        for ticket in self.list():
-            self.remove(ticket.uuid)
+        """Cancel every ticket at once, then remove them within one remove_timeout; Conflict
+        (after removing all the others) if some are still busy then."""
+        tickets = self.list()
+        for ticket in tickets:
+            ticket.cancel(0)
+        deadline = clock() + self.remove_timeout
+        busy = []
+        for ticket in tickets:
+            try:
+                self.remove(ticket.uuid, max(0, deadline - clock()))
+            except errors.Conflict:
+                busy.append(ticket.uuid)
+        if busy:
+            raise errors.Conflict(f"Tickets {', '.join(busy)} are still in use after "
+                                  f"{self.remove_timeout} s; they stay canceled")

@@ -9,12 +9,22 @@ MAX_BODY = 64 * 1024
 
 
 def _json_body(req):
+    if ("CONTENT_LENGTH" not in req.environ
+            and "chunked" in req.environ.get("HTTP_TRANSFER_ENCODING", "").lower()):
+        # A chunked body (curl -T -): read it up to the limit, like a sized one.
+        data = req.environ["wsgi.input"].read(MAX_BODY + 1)
+        if len(data) > MAX_BODY:
+            raise errors.BadRequest(f"Body too large: more than {MAX_BODY} bytes")
+        return _parse_json(data)
     value = req.environ.get("CONTENT_LENGTH") or "0"
     if not value.isdigit():
         raise errors.BadRequest(f"Invalid Content-Length {value!r}")
     if int(value) > MAX_BODY:
         raise errors.BadRequest(f"Body too large: {value} bytes, at most {MAX_BODY}")
-    data = req.environ["wsgi.input"].read(int(value))
+    return _parse_json(req.environ["wsgi.input"].read(int(value)))
+
+
+def _parse_json(data):
     try:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
