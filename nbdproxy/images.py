@@ -146,17 +146,27 @@ class Stream:
         self.chunks = chunks
         self.ok = False
         self.closed = False
+        self.finished = False
 
     def __iter__(self):
         yield from self.chunks
         self.ok = True
+
+    def succeeded(self):
+        """End the ticket operation now, before the last bytes reach the client, so that a client
+        that got the whole body finds the ticket (active, transferred, expires) up to date."""
+        if not self.finished:
+            self.finished = True
+            self.ticket.finish(self.operation, True)
 
     def close(self):
         if self.closed:
             return
         self.closed = True
         self.ticket.backend.release(self.h, reuse=self.ok)
-        self.ticket.finish(self.operation, self.ok)
+        if not self.finished:
+            self.finished = True
+            self.ticket.finish(self.operation, self.ok)
 
 
 def _download(ctx, ticket, h, offset, length):
@@ -164,10 +174,17 @@ def _download(ctx, ticket, h, offset, length):
 
     def chunks():
         for view in h.read(ctx.connection.buffer(ctx.buffer_size), offset, length):
-            yield view
-            operation.progress(len(view))
+            if operation.done + len(view) >= length:
+                # The last piece: the request is done before the client can see its end.
+                operation.progress(len(view))
+                stream.succeeded()
+                yield view
+            else:
+                yield view
+                operation.progress(len(view))
 
-    return Stream(ticket, h, operation, chunks())
+    stream = Stream(ticket, h, operation, chunks())
+    return stream
 
 
 # PUT

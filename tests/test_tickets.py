@@ -25,14 +25,6 @@ BAD_URL = "nbd:unix:/nonexistent/nbd.sock"
 # Fixtures and helpers
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, cert):
-    """One daemon for the tests that only use the control API."""
-    d = Daemon(str(tmp_path_factory.mktemp("tickets")), *cert)
-    yield d
-    d.stop()
-
-
-@pytest.fixture(scope="module")
 def shared_mem(tmp_path_factory):
     """A 16 MiB nbdkit memory export for tests that move data through the shared daemon."""
     tmp = tmp_path_factory.mktemp("mem")
@@ -40,6 +32,14 @@ def shared_mem(tmp_path_factory):
                         str(tmp / "nbd.sock"), "memory", "size=16M"], str(tmp / "nbd.sock"))
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, cert, shared_mem):
+    """One daemon for most tests; it stops before shared_mem (nbdkit waits for its clients)."""
+    d = Daemon(str(tmp_path_factory.mktemp("tickets")), *cert)
+    yield d
+    d.stop()
 
 
 def new_id():
@@ -937,3 +937,23 @@ def test_delete_all_with_busy_ticket(tmp_path, cert, memory_export):
         assert json.loads(ctl(d, "GET", "/tickets/")[1]) == []
     finally:
         d.stop()
+
+
+def test_ticket_state_after_get(shared, shared_mem):
+    """A client that got a whole GET body finds the ticket up to date at once: not active, the
+    range transferred, the expiry slid (no window where the daemon has not yet finished it)."""
+    t = ticket(url=shared_mem.url, ops=["read"], timeout=1000)
+    add(shared, t)
+    conn = shared.local()
+    control = shared.control()
+    try:
+        for i in range(40):
+            resp = response(conn, "GET", f"/images/{t['uuid']}",
+                            headers={"Range": f"bytes={i * 65536}-{(i + 1) * 65536 - 1}"})
+            assert resp.status == 206
+            got = json.loads(response(control, "GET", f"/tickets/{t['uuid']}").data)
+            assert got["active"] is False
+            assert got["transferred"] == (i + 1) * 65536
+    finally:
+        conn.close()
+        control.close()
