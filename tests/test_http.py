@@ -40,6 +40,17 @@ def raw_export(workdir):
         f.truncate(SIZE)
         f.write(os.urandom(1024**2))
     server = qemu_nbd(path, str(workdir / "nbd.sock"))
+    # The socket file appears before qemu-nbd listens; wait until it accepts.
+    deadline = time.monotonic() + 10
+    while True:
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(server.sock)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.01)
     yield server
     server.stop()
 
