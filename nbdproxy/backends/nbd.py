@@ -9,6 +9,7 @@ import logging
 import os
 import queue
 import re
+import select
 import threading
 import time
 import urllib.parse
@@ -125,6 +126,18 @@ class Handle:
         except nbd.Error:
             pass
         _close(self.h)
+
+    def alive(self):
+        """False when the server has gone (killed, restarted): nothing is due on an idle NBD
+        connection, so a readable socket means end of file or an error."""
+        try:
+            if self.h.aio_is_dead() or self.h.aio_is_closed():
+                return False
+            poller = select.poll()
+            poller.register(self.h.aio_get_fd(), select.POLLIN | select.POLLPRI)
+            return not poller.poll(0)
+        except (nbd.Error, OSError, ValueError):
+            return False
 
     # Data. A request larger than one piece is moved by two threads: the connection's thread does
     # the HTTP side, a worker keeps up to DEPTH_IN_FLIGHT NBD commands in flight and polls libnbd,
@@ -488,12 +501,27 @@ class Pool:
         self.release(h)
 
     def acquire(self):
+        dead = []
+        try:
+            return self._acquire(dead)
+        finally:
+            for h in dead:
+                h.close()
+
+    def _acquire(self, dead):
         with self._cond:
             while True:
                 if self._closed:
                     raise errors.Canceled("Ticket was removed")
                 if self._idle:
-                    return self._idle.pop()
+                    h = self._idle.pop()
+                    if h.alive():
+                        return h
+                    # Its server went away since it was used: a new server may be listening.
+                    log.info("dropping an idle NBD connection whose server is gone")
+                    self._all.discard(h)
+                    dead.append(h)
+                    continue
                 if len(self._all) < self.limit:
                     break
                 self._cond.wait()
