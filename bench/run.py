@@ -1,0 +1,633 @@
+"""`make bench`: the same transfers against nbdproxy, ovirt-imageio 2.5 and the limits (issue 5).
+
+    .venv/bin/python bench/run.py [--runs N] [--quick] [--only REGEX] [--output FILE]
+
+Prints a table of medians with the ratios nbdproxy/imageio and nbdproxy/limit, and saves all
+samples as JSON under bench/results/. bench/README.md explains the scenarios and the table.
+"""
+
+import argparse
+import datetime
+import fnmatch
+import json
+import mmap
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, BENCH)
+
+import clients  # noqa: E402
+import systems  # noqa: E402
+from clients import GiB, MiB  # noqa: E402
+
+RESULTS = os.path.join(BENCH, "results")
+
+# Image sizes: default and --quick.
+SIZES = {
+    False: {"dense": 2 * GiB, "sparse": 1024 * GiB, "sparse_data": 64 * MiB,
+            "piece": MiB, "small_per_conn": 400},
+    True: {"dense": 256 * MiB, "sparse": 1024 * GiB, "sparse_data": 64 * MiB,
+           "piece": MiB, "small_per_conn": 50},
+}
+DAEMONS = ("nbdproxy", "imageio")
+SPEED_TARGET = 1.5       # every scenario: at least 1.5 times imageio
+NBDCOPY_TARGET = 0.8     # dense download over the unix socket: at least 0.8 times nbdcopy
+CPU_TARGET = 0.6         # server CPU per GiB: at most 0.6 times imageio's
+EXTENTS_TARGET = 0.5     # seconds for the extents of the 1 TiB sparse image
+SPARSE_DL_TARGET = 1.0   # seconds for its extent-driven data download
+
+
+def log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Scenario:
+    """One row of the table.
+
+    run(ctx, system) measures one sample for system "nbdproxy", "imageio" or "limit" and returns
+    a dict with at least "value" (in unit), and where it applies "seconds", "bytes", "server_cpu".
+    """
+
+    def __init__(self, name, unit, run, limit=None, higher=True, targets=(), daemons=DAEMONS):
+        self.name, self.unit, self.run = name, unit, run
+        self.limit = limit          # description of the limit column, or None
+        self.higher = higher        # True: bigger is better (MiB/s, req/s); False: seconds
+        self.targets = targets
+        self.daemons = daemons
+
+    def systems(self):
+        return list(self.daemons) + (["limit"] if self.limit else [])
+
+
+class Context:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.sizes = SIZES[args.quick]
+        self.work = systems.WORK
+        self.daemons = {}
+        self.counter = 0
+        self.notes = []
+
+    def setup(self):
+        os.makedirs(self.work, exist_ok=True)
+        os.makedirs(RESULTS, exist_ok=True)
+        self.imageio_python = systems.ensure_imageio_venv(log)
+        systems.Imageio.python = self.imageio_python
+        self.cert, self.key = systems.make_cert(self.work)
+        self.direct = systems.direct_io_supported(self.work)
+        self.nbd = systems.NBDFactory(os.path.join(self.work, "sockets"), self.direct)
+        os.makedirs(self.nbd.workdir, exist_ok=True)
+        s = self.sizes
+        name = f"dense-{s['dense'] >> 20}m"
+        self.dense_path = systems.make_dense(os.path.join(self.work, name + ".raw"), s["dense"], log)
+        self.dst_path = systems.copy_file(self.dense_path,
+                                          os.path.join(self.work, name + "-dst.raw"), log)
+        self.dense = self._map(self.dense_path)
+        self.sparse_path, self.layout = systems.make_sparse(
+            os.path.join(self.work, "sparse-1t.raw"), s["sparse"], s["sparse_data"], s["piece"],
+            log)
+        self.sparse = self._map(self.sparse_path)
+        self.sparse_dst_path = os.path.join(self.work, "sparse-1t-dst.raw")
+        free = shutil.disk_usage(self.work).free
+        if free < 8 * GiB:
+            raise SystemExit(f"bench: only {free >> 30} GiB free under {self.work}; need 8")
+
+    @staticmethod
+    def _map(path):
+        """The image in memory for the whole run: uploads send from it, downloads check with it.
+
+        For the sparse image only the data pieces are touched, so its holes cost nothing.
+        """
+        with open(path, "rb") as f:
+            flags = mmap.MAP_SHARED
+            if os.path.getsize(path) <= 16 * GiB:
+                flags |= mmap.MAP_POPULATE
+            return mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+
+    def start_daemons(self):
+        for cls in (systems.NbdProxy, systems.Imageio):
+            self.daemons[cls.name] = cls(os.path.join(self.work, cls.name), self.cert, self.key)
+
+    def stop_daemons(self):
+        for d in self.daemons.values():
+            d.stop()
+
+    def ticket_id(self):
+        self.counter += 1
+        return f"bench-{self.counter}"
+
+
+# Measuring
+
+def measure(ctx, daemon, kind, image, size, fn, sparse=False, discard=False, before=None,
+            after=None):
+    """A fresh NBD server on image, a ticket for it, and fn(url) timed with the CPU it cost.
+
+    fn returns the bytes it moved. before() runs before the NBD server starts; after(server) runs
+    after the transfer, outside of the timing (checks).
+    """
+    if before:
+        before()
+    with ctx.nbd.start(kind, image, discard=discard) as server:
+        tid = ctx.ticket_id()
+        url = daemon.add_ticket(tid, server.url, size, sparse=sparse)
+        try:
+            cpu0, c0 = daemon.cpu(), os.times()
+            start = time.perf_counter()
+            moved = fn(url)
+            seconds = time.perf_counter() - start
+            cpu1, c1 = daemon.cpu(), os.times()
+            nbd_cpu = server.cpu()
+        finally:
+            daemon.delete_ticket(tid)
+        if after:
+            after(server)
+    if isinstance(moved, tuple):
+        extra, moved = moved[0], moved[1]
+    else:
+        extra = None
+    return {"seconds": seconds, "bytes": moved, "server_cpu": cpu1 - cpu0, "nbd_cpu": nbd_cpu,
+            "client_cpu": (c1.user + c1.system) - (c0.user + c0.system), "extra": extra}
+
+
+def rate(sample):
+    sample["value"] = sample["bytes"] / MiB / sample["seconds"]
+    return sample
+
+
+def time_limit(ctx, kind, image, fn, discard=False, before=None, after=None):
+    """A limit measured on a fresh NBD server: fn(server) returns (seconds, bytes)."""
+    if before:
+        before()
+    with ctx.nbd.start(kind, image, discard=discard) as server:
+        seconds, moved = fn(server)
+        nbd_cpu = server.cpu()
+        if after:
+            after(server)
+    return {"seconds": seconds, "bytes": moved, "nbd_cpu": nbd_cpu}
+
+
+def scribble(path, samples):
+    """Overwrite sample ranges of an upload target, so that the upload must rewrite them."""
+    with open(path, "r+b") as f:
+        for off, n in samples:
+            f.seek(off)
+            f.write(b"\xa5" * n)
+        os.fsync(f.fileno())
+
+
+def upload_samples(size):
+    n = 64 * 1024
+    return [(0, n), (size // 3 // n * n, n), (size // 2 + 12345 * 4096 % (size // 4), n),
+            (size - n, n)]
+
+
+# Scenarios
+
+def dense_scenarios(ctx):
+    size = ctx.sizes["dense"]
+    out = []
+    for op in ("download", "upload"):
+        for kind, transport in (("qemu-nbd", "unix"), ("qemu-nbd", "tls"), ("nbdkit", "unix")):
+            for conns in (1, 4):
+                out.append(_dense(ctx, op, kind, transport, conns, size))
+    return out
+
+
+def _dense(ctx, op, kind, transport, conns, size):
+    name = f"{op}/{transport}/{conns}conn/{kind}"
+    samples = upload_samples(size)
+
+    def run(ctx, system):
+        if op == "download":
+            if system == "limit":
+                return rate(time_limit(ctx, kind, ctx.dense_path, lambda s: (
+                    clients.nbdcopy(s.uri, "null:", conns), size)))
+            ep = ctx.daemons[system].endpoint(transport)
+            return rate(measure(ctx, ctx.daemons[system], kind, ctx.dense_path, size,
+                                lambda url: clients.download(ep, url, size, conns, ctx.dense)))
+        before = lambda: scribble(ctx.dst_path, samples)  # noqa: E731
+        after = lambda server: clients.verify_export(server.sock, ctx.dense, samples)  # noqa: E731
+        if system == "limit":
+            return rate(time_limit(ctx, kind, ctx.dst_path, lambda s: (
+                clients.nbdcopy(ctx.dense_path, s.uri, conns, flush=True), size),
+                before=before, after=after))
+        ep = ctx.daemons[system].endpoint(transport)
+        return rate(measure(ctx, ctx.daemons[system], kind, ctx.dst_path, size,
+                            lambda url: clients.upload(ep, url, size, conns, ctx.dense),
+                            before=before, after=after))
+
+    targets = []
+    if op == "download" and transport == "unix" and kind == "qemu-nbd":
+        targets.append(("limit", NBDCOPY_TARGET))
+    return Scenario(name, "MiB/s", run, limit=f"nbdcopy -C {conns}", targets=targets)
+
+
+def socket_copy_scenario(ctx):
+    size = ctx.sizes["dense"]
+
+    def run(ctx, system):
+        seconds, cpu, child = clients.socket_copy(size)
+        return {"seconds": seconds, "bytes": size, "value": size / MiB / seconds,
+                "client_cpu": cpu, "sender_cpu": child}
+    return Scenario("socket-copy/unix/1conn", "MiB/s", run, limit="python AF_UNIX copy",
+                    daemons=())
+
+
+def sparse_scenarios(ctx):
+    size, piece, layout = ctx.sizes["sparse"], ctx.sizes["piece"], ctx.layout
+    out = []
+    for transport in ("unix", "tls"):
+        def extents(ctx, system, transport=transport):
+            if system == "limit":
+                def nbdinfo(server):
+                    start = time.perf_counter()
+                    subprocess.run(["nbdinfo", "--map", server.uri], check=True,
+                                   capture_output=True)
+                    return time.perf_counter() - start, 0
+                s = time_limit(ctx, "qemu-nbd", ctx.sparse_path, nbdinfo)
+            else:
+                ep = ctx.daemons[system].endpoint(transport)
+
+                def get(url):
+                    ext = clients.get_extents(ep, url)
+                    clients.check_extents(ext, size, layout, piece)
+                    return len(ext), 0
+                s = measure(ctx, ctx.daemons[system], "qemu-nbd", ctx.sparse_path, size, get)
+            s["value"] = s["seconds"]
+            return s
+        out.append(Scenario(f"sparse-extents/{transport}", "s", extents, limit="nbdinfo --map",
+                            higher=False, targets=[("max", EXTENTS_TARGET)]))
+
+        def download(ctx, system, transport=transport):
+            if system == "limit":
+                s = time_limit(ctx, "qemu-nbd", ctx.sparse_path, lambda server: (
+                    clients.nbdcopy(server.uri, "null:", 4), len(layout) * piece))
+            else:
+                ep = ctx.daemons[system].endpoint(transport)
+                s = measure(ctx, ctx.daemons[system], "qemu-nbd", ctx.sparse_path, size,
+                            lambda url: clients.sparse_download(ep, url, 4, ctx.sparse))
+            s["value"] = s["seconds"]
+            return s
+        out.append(Scenario(f"sparse-download/{transport}/4conn", "s", download,
+                            limit="nbdcopy -C 4", higher=False,
+                            targets=[("max", SPARSE_DL_TARGET)]))
+
+        def upload(ctx, system, transport=transport):
+            before = lambda: systems.fresh_sparse_target(ctx.sparse_dst_path, size)  # noqa: E731
+            samples = [(off, piece) for off in layout[::16]]
+
+            def after(server):
+                clients.verify_export(server.sock, ctx.sparse, samples)
+                used = systems.allocated(ctx.sparse_dst_path)
+                if used > 16 * len(layout) * piece:
+                    raise clients.BenchError(f"sparse upload allocated {used >> 20} MiB")
+            if system == "limit":
+                s = time_limit(ctx, "qemu-nbd", ctx.sparse_dst_path, lambda server: (
+                    clients.nbd_sparse_upload(server.sock, size, layout, piece, 4, ctx.sparse)),
+                    discard=True, before=before, after=after)
+            else:
+                ep = ctx.daemons[system].endpoint(transport)
+                s = measure(ctx, ctx.daemons[system], "qemu-nbd", ctx.sparse_dst_path, size,
+                            lambda url: clients.sparse_upload(ep, url, size, layout, piece, 4,
+                                                              ctx.sparse),
+                            sparse=True, discard=True, before=before, after=after)
+            s["value"] = s["seconds"]
+            return s
+        out.append(Scenario(f"sparse-upload/{transport}/4conn", "s", upload,
+                            limit="libnbd, same requests", higher=False))
+    return out
+
+
+def small_scenarios(ctx):
+    size, per_conn, conns = ctx.sizes["dense"], ctx.sizes["small_per_conn"], 4
+    out = []
+    for op in ("get", "put"):
+        for transport in ("unix", "tls"):
+            def run(ctx, system, op=op, transport=transport):
+                image = ctx.dense_path if op == "get" else ctx.dst_path
+                plans = [clients.small_plan(size, per_conn, i, conns) for i in range(conns)]
+                samples = [r for p in plans for r in p[-2:]]
+                before = after = None
+                if op == "put":
+                    before = lambda: scribble(ctx.dst_path, samples)  # noqa: E731
+                    after = lambda server: clients.verify_export(  # noqa: E731
+                        server.sock, ctx.dense, samples)
+                if system == "limit":
+                    s = time_limit(ctx, "qemu-nbd", image, lambda server: clients.nbd_small(
+                        server.sock, op, plans, ctx.dense), before=before, after=after)
+                    s["requests"] = conns * per_conn
+                else:
+                    ep = ctx.daemons[system].endpoint(transport)
+                    s = measure(ctx, ctx.daemons[system], "qemu-nbd", image, size,
+                                lambda url: clients.small_requests(ep, url, op, size, conns,
+                                                                   per_conn, ctx.dense),
+                                before=before, after=after)
+                    s["requests"] = s.pop("extra")
+                s["value"] = s["requests"] / s["seconds"]
+                return s
+            out.append(Scenario(f"small-{op}/{transport}/4conn", "req/s", run,
+                                limit="libnbd, same requests"))
+    return out
+
+
+def checksum_scenarios(ctx):
+    out = []
+    for which in ("dense", "sparse"):
+        def run(ctx, system, which=which):
+            if which == "dense":
+                path, size = ctx.dense_path, ctx.sizes["dense"]
+                expected = ctx.dense_checksum
+            else:
+                path, size = ctx.sparse_path, ctx.sizes["sparse"]
+                expected = ctx.sparse_checksum
+            if system == "limit":
+                start = time.perf_counter()
+                if which == "dense":
+                    clients.blkhash_dense(ctx.dense, size)
+                else:
+                    clients.blkhash_sparse(ctx.sparse, size, ctx.layout, ctx.sizes["piece"])
+                s = {"seconds": time.perf_counter() - start, "bytes": size}
+            else:
+                ep = ctx.daemons[system].endpoint("unix")
+
+                def get(url):
+                    got = clients.checksum(ep, url)
+                    if got.get("checksum") != expected:
+                        raise clients.BenchError(f"{system} checksum {got} != {expected}")
+                    # CPU per GiB only for the dense image: per virtual TiB says nothing.
+                    return None, size if which == "dense" else 0
+                s = measure(ctx, ctx.daemons[system], "qemu-nbd", path, size, get)
+            s["value"] = s["seconds"]
+            return s
+        limit = "local blkhash (Python, in memory)"
+        out.append(Scenario(f"checksum/{which}/unix", "s", run, limit=limit, higher=False))
+    return out
+
+
+def busy_scenario(ctx):
+    """8 connections over TLS on a freshly started daemon: 4 GETs of one image and 4 PUTs of
+    another; server CPU per GiB and the daemon's peak RSS (VmHWM)."""
+    size = ctx.sizes["dense"]
+    samples = upload_samples(size)
+
+    def run(ctx, system):
+        cls = systems.NbdProxy if system == "nbdproxy" else systems.Imageio
+        scribble(ctx.dst_path, samples)
+        with cls(os.path.join(ctx.work, f"{system}-busy"), ctx.cert, ctx.key) as daemon, \
+                ctx.nbd.start("qemu-nbd", ctx.dense_path) as src, \
+                ctx.nbd.start("qemu-nbd", ctx.dst_path) as dst:
+            t1, t2 = ctx.ticket_id(), ctx.ticket_id()
+            url_src = daemon.add_ticket(t1, src.url, size, ops=("read",))
+            url_dst = daemon.add_ticket(t2, dst.url, size)
+            ep = daemon.endpoint("tls")
+            cpu0, start = daemon.cpu(), time.perf_counter()
+            clients.run_threads(lambda f: f(), [
+                (lambda: clients.download(ep, url_src, size, 4, ctx.dense),),
+                (lambda: clients.upload(ep, url_dst, size, 4, ctx.dense),)])
+            seconds = time.perf_counter() - start
+            cpu = daemon.cpu() - cpu0
+            rss = daemon.peak_rss()
+            nbd_cpu = src.cpu() + dst.cpu()
+            daemon.delete_ticket(t1)
+            daemon.delete_ticket(t2)
+            clients.verify_export(dst.sock, ctx.dense, samples)
+        return {"seconds": seconds, "bytes": 2 * size, "server_cpu": cpu, "nbd_cpu": nbd_cpu,
+                "peak_rss": rss, "value": 2 * size / MiB / seconds}
+    return Scenario("busy8/tls/4get+4put", "MiB/s", run)
+
+
+def all_scenarios(ctx):
+    return (dense_scenarios(ctx) + [socket_copy_scenario(ctx)] + sparse_scenarios(ctx)
+            + small_scenarios(ctx) + checksum_scenarios(ctx) + [busy_scenario(ctx)])
+
+
+# Summary
+
+def median(values):
+    return statistics.median(values) if values else None
+
+
+def summarize(scenario, samples):
+    row = {"scenario": scenario.name, "unit": scenario.unit, "higher_is_better": scenario.higher,
+           "limit": scenario.limit, "median": {}, "samples": samples}
+    for system, ss in samples.items():
+        vals = [s["value"] for s in ss]
+        row["median"][system] = median(vals)
+        cpu = [s["server_cpu"] / (s["bytes"] / GiB) for s in ss
+               if s.get("server_cpu") is not None and s.get("bytes")]
+        if cpu:
+            row.setdefault("cpu_per_gib", {})[system] = median(cpu)
+        nbd = [s["nbd_cpu"] / (s["bytes"] / GiB) for s in ss
+               if s.get("nbd_cpu") is not None and s.get("bytes")]
+        if nbd:
+            row.setdefault("nbd_cpu_per_gib", {})[system] = median(nbd)
+        client = [s["client_cpu"] / (s["bytes"] / GiB) for s in ss
+                  if s.get("client_cpu") is not None and s.get("bytes")]
+        if client:
+            row.setdefault("client_cpu_per_gib", {})[system] = median(client)
+        rss = [s["peak_rss"] for s in ss if s.get("peak_rss")]
+        if rss:
+            row.setdefault("peak_rss_mib", {})[system] = median(rss) / MiB
+
+    def speedup(a, b):
+        if a is None or b is None or a == 0 or b == 0:
+            return None
+        return a / b if scenario.higher else b / a
+
+    m = row["median"]
+    row["ratio_imageio"] = speedup(m.get("nbdproxy"), m.get("imageio"))
+    row["ratio_limit"] = speedup(m.get("nbdproxy"), m.get("limit"))
+    cpu = row.get("cpu_per_gib", {})
+    row["cpu_ratio_imageio"] = (cpu["nbdproxy"] / cpu["imageio"]
+                                if cpu.get("nbdproxy") and cpu.get("imageio") else None)
+    misses = []
+    if row["ratio_imageio"] is not None and row["ratio_imageio"] < SPEED_TARGET:
+        misses.append(f"<{SPEED_TARGET}x imageio")
+    for kind, target in scenario.targets:
+        if kind == "limit" and row["ratio_limit"] is not None and row["ratio_limit"] < target:
+            misses.append(f"<{target}x nbdcopy")
+        if kind == "max" and m.get("nbdproxy") is not None and m["nbdproxy"] > target:
+            misses.append(f">{target}s")
+    if row["cpu_ratio_imageio"] is not None and row["cpu_ratio_imageio"] > CPU_TARGET:
+        misses.append(f"cpu>{CPU_TARGET}x imageio")
+    row["misses"] = misses
+    return row
+
+
+def fmt(value, unit=None):
+    if value is None:
+        return "-"
+    if unit == "s" or (unit is None and value < 10):
+        return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+    return f"{value:.0f}"
+
+
+def table(rows):
+    head = ["scenario", "unit", "nbdproxy", "imageio", "limit", "np/io", "np/lim",
+            "cpu s/GiB np", "io", "cpu np/io", "rss MiB np/io", "misses"]
+    lines = [head]
+    for r in rows:
+        m = r["median"]
+        cpu = r.get("cpu_per_gib", {})
+        rss = r.get("peak_rss_mib", {})
+        lines.append([
+            r["scenario"], r["unit"], fmt(m.get("nbdproxy"), r["unit"]),
+            fmt(m.get("imageio"), r["unit"]), fmt(m.get("limit"), r["unit"]),
+            f"{r['ratio_imageio']:.2f}x" if r["ratio_imageio"] else "-",
+            f"{r['ratio_limit']:.2f}x" if r["ratio_limit"] else "-",
+            f"{cpu['nbdproxy']:.2f}" if cpu.get("nbdproxy") is not None else "-",
+            f"{cpu['imageio']:.2f}" if cpu.get("imageio") is not None else "-",
+            f"{r['cpu_ratio_imageio']:.2f}" if r["cpu_ratio_imageio"] else "-",
+            (f"{rss['nbdproxy']:.0f}/{rss['imageio']:.0f}" if rss.get("nbdproxy")
+             and rss.get("imageio") else "-"),
+            " ".join(r["misses"]) or "ok" if (r["ratio_imageio"] or r["misses"]) else "",
+        ])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    out = []
+    for n, line in enumerate(lines):
+        cells = [c.ljust(w) if i in (0, 1, len(head) - 1) else c.rjust(w)
+                 for i, (c, w) in enumerate(zip(line, widths))]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def limits_legend(rows):
+    seen = {}
+    for r in rows:
+        if r["limit"]:
+            seen.setdefault(r["limit"], []).append(r["scenario"].split("/")[0])
+    return "; ".join(f"{k} ({', '.join(sorted(set(v)))})" for k, v in seen.items())
+
+
+# Main
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, help="samples per scenario and system (default 5; 1 "
+                   "with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="a 256 MiB dense image, fewer small requests, 1 run: for development")
+    p.add_argument("--only", metavar="REGEX", action="append",
+                   help="scenarios whose name matches (re.search; a glob works too); repeatable")
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    p.add_argument("--output", help="JSON file (default bench/results/<date>.json)")
+    p.add_argument("--no-save", action="store_true", help="do not write the JSON file")
+    args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = 1 if args.quick else 5
+    return args
+
+
+def selected(name, patterns):
+    if not patterns:
+        return True
+    for pattern in patterns:
+        if fnmatch.fnmatch(name, pattern):
+            return True
+        try:
+            if re.search(pattern, name):
+                return True
+        except re.error:
+            pass
+    return False
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = Context(args)
+    if args.list:
+        ctx.sizes = SIZES[args.quick]
+        ctx.layout = []
+        for s in all_scenarios(ctx):
+            print(s.name)
+        return 0
+    started = datetime.datetime.now()
+    ctx.setup()
+    scenarios = [s for s in all_scenarios(ctx) if selected(s.name, args.only)]
+    if not scenarios:
+        raise SystemExit("bench: no scenario matches --only")
+    log("bench: checking the reference checksums")
+    ctx.dense_checksum = clients.blkhash_dense(ctx.dense, ctx.sizes["dense"])
+    ctx.sparse_checksum = clients.blkhash_sparse(ctx.sparse, ctx.sizes["sparse"], ctx.layout,
+                                                 ctx.sizes["piece"])
+    log(f"bench: {len(scenarios)} scenarios x {args.runs} runs; NBD servers: {ctx.nbd.describe()}")
+    samples = {s.name: {system: [] for system in s.systems()} for s in scenarios}
+    ctx.start_daemons()
+    try:
+        for run in range(args.runs):
+            for scenario in scenarios:
+                order = scenario.systems()
+                # Rotate who goes first, so that a slow moment of the machine is shared.
+                k = (run + scenarios.index(scenario)) % len(order)
+                for system in order[k:] + order[:k]:
+                    s = scenario.run(ctx, system)
+                    samples[scenario.name][system].append(s)
+                    log(f"[{run + 1}/{args.runs}] {scenario.name:32} {system:9} "
+                        f"{fmt(s['value'], scenario.unit):>8} {scenario.unit}")
+    finally:
+        ctx.stop_daemons()
+    rows = [summarize(s, samples[s.name]) for s in scenarios]
+    cache = "none (O_DIRECT), aio=native" if ctx.direct else "writeback (no O_DIRECT here)"
+    header = [
+        f"nbdproxy benchmark {started:%Y-%m-%d %H:%M}, {args.runs} run(s) per cell, medians"
+        + (" (--quick)" if args.quick else ""),
+        f"dense image {ctx.sizes['dense'] >> 20} MiB random data; sparse image "
+        f"{ctx.sizes['sparse'] >> 30} GiB virtual, {ctx.sizes['sparse_data'] >> 20} MiB data in "
+        f"{ctx.sizes['piece'] >> 20} MiB pieces",
+        f"qemu-nbd cache={cache}; fresh NBD server per sample; MALLOC_MMAP_THRESHOLD_=33554432 "
+        "in the environment of qemu-nbd and nbdkit for every system",
+        f"ovirt-imageio {systems.IMAGEIO_VERSION} (default configuration, TLS) from "
+        f"{os.path.relpath(systems.IMAGEIO_VENV, systems.TOP)}",
+        "np/io and np/lim: how many times faster nbdproxy is (>1 is better; for rows in s the "
+        "inverse ratio of times); cpu: daemon CPU seconds per GiB moved (lower is better)",
+        "limits: " + limits_legend(rows),
+    ]
+    delete_errors = {n: len(d.delete_errors) for n, d in ctx.daemons.items() if d.delete_errors}
+    if delete_errors:
+        header.append(f"note: DELETE /tickets/ID answered 500 (ticket removed) {delete_errors}")
+    text = "\n".join(header) + "\n\n" + table(rows)
+    print(text)
+    result = {
+        "date": started.isoformat(timespec="seconds"),
+        "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
+        "nbdproxy_commit": _git_head(),
+        "runs": args.runs, "quick": args.quick, "only": args.only,
+        "sizes": ctx.sizes, "qemu_nbd_cache": "none" if ctx.direct else "writeback",
+        "nbd_servers": ctx.nbd.describe(), "nbd_server_env": systems.NBD_SERVER_ENV,
+        "imageio_version": systems.IMAGEIO_VERSION, "delete_ticket_errors": delete_errors,
+        "targets": {"speed_vs_imageio": SPEED_TARGET, "download_vs_nbdcopy": NBDCOPY_TARGET,
+                    "cpu_vs_imageio": CPU_TARGET, "sparse_extents_s": EXTENTS_TARGET,
+                    "sparse_download_s": SPARSE_DL_TARGET},
+        "rows": rows, "table": text,
+    }
+    if not args.no_save:
+        path = args.output or os.path.join(RESULTS, f"{started:%Y-%m-%dT%H%M%S}"
+                                           + ("-quick" if args.quick else "") + ".json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.rename(path + ".tmp", path)
+        log(f"bench: saved {os.path.relpath(path, systems.TOP)}")
+    return 0
+
+
+def _git_head():
+    try:
+        return subprocess.run(["git", "-C", systems.TOP, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True).stdout.strip() or None
+    except OSError:
+        return None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
