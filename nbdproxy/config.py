@@ -79,7 +79,8 @@ def load(conf_dir, flags):
             with open(path) as f:
                 parser.read_file(f, path)
         except (OSError, configparser.Error) as e:
-            raise ConfigError(f"cannot read {path}: {e}") from None
+            # configparser's messages span lines; the error is one line (issue 2, point 3).
+            raise ConfigError(f"cannot read {path}: {' '.join(str(e).split())}") from None
     if parser.has_section(SECTION):
         for key, text in parser.items(SECTION):
             if key not in SETTINGS:

@@ -1,5 +1,6 @@
 """The daemon: binds the control, local and remote services, serves them, and stops cleanly."""
 
+import email.utils
 import errno
 import grp
 import logging
@@ -12,7 +13,7 @@ import stat
 import threading
 import time
 
-from . import http, metrics, tickets
+from . import __version__, http, metrics, tickets
 from .app import App
 from .backends import nbd as nbd_backend
 from .errors import ConfigError
@@ -22,24 +23,44 @@ log = logging.getLogger("nbdproxy.server")
 # Idle timeout of a connection before it used a ticket (API.md 5), and of a TLS handshake.
 INITIAL_TIMEOUT = 60
 
+# Connections over max_connections get a 503 from a thread each, at most this many at once (more
+# are closed at once), each within about this many seconds.
+MAX_REFUSING = 64
+REFUSE_TIMEOUT = 2
+
 
 def _unix_listener(address, mode=None, group=None):
     """A listening unix socket at a path (unlinked first if stale) or an abstract name."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    bound = False
     try:
         if not address.startswith("\0"):
             os.makedirs(os.path.dirname(address) or ".", exist_ok=True)
             _remove_stale(address)
         sock.bind(address)
+        bound = True
         if not address.startswith("\0"):
             if group is not None:
                 os.chown(address, -1, group)
             os.chmod(address, mode)
         sock.listen(128)
     except OSError as e:
+        if bound:
+            _close_listener(sock)
         sock.close()
         raise ConfigError(f"cannot listen on unix socket {_show(address)}: {e.strerror or e}")
     return sock
+
+
+def _close_listener(sock):
+    """Close a listening socket and remove its socket file, if it has one."""
+    address = sock.getsockname() if sock.family == socket.AF_UNIX else None
+    sock.close()
+    if address and isinstance(address, str) and not address.startswith("\0"):
+        try:
+            os.unlink(address)
+        except OSError:
+            pass
 
 
 def _remove_stale(path):
@@ -55,6 +76,9 @@ def _remove_stale(path):
             raise ConfigError(f"unix socket {path} is in use by another process")
         finally:
             probe.close()
+    else:
+        # Never unlink what is not a socket: a mistyped path must not cost a file.
+        raise ConfigError(f"{path} exists and is not a socket")
     os.unlink(path)
 
 
@@ -107,6 +131,7 @@ class Service:
         self.connections = set()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
+        self._refusing = threading.BoundedSemaphore(MAX_REFUSING)
         self._thread = threading.Thread(target=self._accept_loop, name=f"{name}-accept",
                                         daemon=True)
 
@@ -135,7 +160,11 @@ class Service:
             return
         if self.limiter is not None and not self.limiter.acquire(blocking=False):
             log.warning("%s: too many connections, refusing one", self.name)
-            _refuse(sock)
+            if self._refusing.acquire(blocking=False):
+                threading.Thread(target=self._refuse, args=(sock,), daemon=True,
+                                 name=f"{self.name}-refuse").start()
+            else:
+                sock.close()
             return
         threading.Thread(target=self._serve, args=(sock, address), daemon=True,
                          name=f"{self.name}-conn").start()
@@ -197,17 +226,32 @@ class Service:
         with self._lock:
             return sum(1 for c in self.connections if c.busy)
 
-
-def _refuse(sock):
-    body = b"Too many connections\n"
-    try:
-        sock.settimeout(1)
-        sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; "
-                     b"charset=UTF-8\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                     % (len(body), body))
-    except OSError:
-        pass
-    sock.close()
+    def _refuse(self, sock):
+        """Answer 503 to a connection over the limit, in its own thread: after the TLS handshake
+        (a plain-text answer means nothing to a TLS client) and after its request head (a
+        client still sending would get a broken pipe, not the answer), then close lingering."""
+        body = b"Too many connections\n"
+        try:
+            sock.settimeout(REFUSE_TIMEOUT)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_side=True)
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 65536:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                head += chunk
+            sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nServer: nbdproxy/%s\r\n"
+                         b"Date: %s\r\nContent-Type: text/plain; charset=UTF-8\r\n"
+                         b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                         % (__version__.encode(), email.utils.formatdate(usegmt=True).encode(),
+                            len(body), body))
+            http._linger(sock)
+        except (OSError, ValueError):
+            pass
+        finally:
+            sock.close()
+            self._refusing.release()
 
 
 class Server:
@@ -231,6 +275,10 @@ class Server:
         """Bind every configured service; ConfigError (after closing what was bound) on failure."""
         cfg = self.config
         try:
+            # The certificate first: a bad one fails before any socket is made.
+            tls = None
+            if cfg.port != -1 and not cfg.no_tls:
+                tls = tls_context(cfg.cert_file, cfg.key_file)
             group = None
             if cfg.control_group:
                 try:
@@ -249,12 +297,11 @@ class Server:
                                              limiter=limiter))
             if cfg.port != -1:
                 sock = _tcp_listener(cfg.host, cfg.port)
-                tls = None if cfg.no_tls else tls_context(cfg.cert_file, cfg.key_file)
                 self.services.append(Service("remote", sock, self._data_app("remote"), tls,
                                              limiter=limiter))
         except BaseException:
             for service in self.services:
-                service.sock.close()
+                _close_listener(service.sock)
             raise
 
     def _data_app(self, name):
