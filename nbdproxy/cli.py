@@ -79,6 +79,11 @@ def build_parser():
     p.set_defaults(run=run_ticket_action, action="extend")
     p = tsub.add_parser("list", help="print all tickets")
     p.set_defaults(run=run_ticket_action, action="list", id="")
+    # `nbdproxy ticket ACTION ... --control-socket PATH` works too (SUPPRESS: when not given
+    # after the action, the value given before it, or the default, stays).
+    for action_parser in tsub.choices.values():
+        action_parser.add_argument("--control-socket", default=argparse.SUPPRESS,
+                                   help="the daemon's control socket")
     add_transfer_commands(sub)
     return parser
 
