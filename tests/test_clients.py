@@ -460,6 +460,15 @@ def test_curl_refused_upload_skips_body(daemon, tmp_path, raw_export):
     local = closed_connections(daemon, "local", lambda found: len(found) >= 1)
     assert local and local[-1][1] < MiB, local
 
+    # The same for a range past the end on a writable ticket: 416 before the body.
+    daemon.add_ticket(raw_export.url, SIZE, ticket_id="rw")
+    r = curl("--unix-socket", daemon.local_socket, "-T", large, "-H",
+             f"Content-Range: bytes {SIZE - MiB}-*/*", "http://localhost/images/rw", check=False)
+    assert http_status(r.stderr, 416), r.stderr.decode()
+    assert not http_status(r.stderr, 100)
+    local = closed_connections(daemon, "local", lambda found: len(found) >= 2)
+    assert len(local) == 2 and local[-1][1] < MiB, local
+
 
 # 4. contrib/examples/seed_flow.py
 
