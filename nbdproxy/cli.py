@@ -52,6 +52,8 @@ def build_parser():
                        help="NBD connections per ticket (default 8)")
     serve.add_argument("--remove-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--stop-timeout", type=int, metavar="SECONDS")
+    serve.add_argument("--initial-timeout", type=int, metavar="SECONDS",
+                       help="idle timeout of a connection before it uses a ticket (default 60)")
     serve.set_defaults(run=run_serve)
 
     ticket = sub.add_parser("ticket", help="manage tickets of a running daemon")

@@ -27,6 +27,7 @@ SETTINGS = {
     "nbd_connections": (int, 8),
     "remove_timeout": (int, 60),
     "stop_timeout": (int, 30),
+    "initial_timeout": (int, 60),
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -109,6 +110,8 @@ def check(values):
     for key in ("remove_timeout", "stop_timeout"):
         if values[key] < 0:
             raise ConfigError(f"{key}: must be >= 0")
+    if not 1 <= values["initial_timeout"] <= 3600:
+        raise ConfigError("initial_timeout: must be from 1 to 3600 seconds")
     if values["port"] != -1 and not values["no_tls"]:
         if not (values["cert_file"] and values["key_file"]):
             raise ConfigError("the TCP service needs cert_file and key_file for TLS "

@@ -28,6 +28,10 @@ INITIAL_TIMEOUT = 60
 MAX_REFUSING = 64
 REFUSE_TIMEOUT = 2
 
+# When max_connections is reached, a new connection takes the place of the oldest one that has
+# not sent the head of its first request this many seconds after it was accepted (slowloris).
+PENDING_GRACE = 2
+
 
 def _unix_listener(address, mode=None, group=None):
     """A listening unix socket at a path (unlinked first if stale) or an abstract name."""
@@ -118,8 +122,78 @@ def tls_context(cert_file, key_file):
     return ctx
 
 
+class _Slot:
+    """A data connection counted by a Limiter, from accept to close."""
+
+    def __init__(self, sock):
+        self.fd = sock.fileno()
+        self.family = sock.family
+        self.since = time.monotonic()
+        self.conn = None        # the http.Connection, once the TLS handshake is done
+        self.evicted = False
+
+    def pending(self, now):
+        """Still without a whole first request head, PENDING_GRACE seconds after accept."""
+        return (not self.evicted and now - self.since > PENDING_GRACE
+                and (self.conn is None or self.conn.requests == 0))
+
+
+class Limiter:
+    """max_connections over the data services (local and remote share one).
+
+    Full, it makes room by closing the oldest connection that is still pending (see
+    PENDING_GRACE): clients that send half a request and wait cannot lock everyone else out.
+    """
+
+    def __init__(self, limit):
+        self._sem = threading.BoundedSemaphore(limit)
+        self._lock = threading.Lock()
+        self._slots = set()
+
+    def acquire(self, timeout=None):
+        if timeout is None:
+            return self._sem.acquire(blocking=False)
+        return self._sem.acquire(timeout=timeout)
+
+    def release(self):
+        self._sem.release()
+
+    def track(self, sock):
+        slot = _Slot(sock)
+        with self._lock:
+            self._slots.add(slot)
+        return slot
+
+    def untrack(self, slot):
+        """Called before the socket is closed, so that evict() never touches a reused fd."""
+        with self._lock:
+            self._slots.discard(slot)
+
+    def evict(self):
+        """Shut down the oldest pending connection; False if there is none."""
+        now = time.monotonic()
+        with self._lock:
+            pending = [slot for slot in self._slots if slot.pending(now)]
+            if not pending:
+                return False
+            victim = min(pending, key=lambda slot: slot.since)
+            victim.evicted = True
+            try:
+                # A duplicate of the fd: shutdown() acts on the socket the owner thread uses.
+                with socket.fromfd(victim.fd, victim.family, socket.SOCK_STREAM) as dup:
+                    dup.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        log.warning("closing a connection that sent no request head in %.1f s, to make room",
+                    now - victim.since)
+        return True
+
+
 class Service:
     """One listening socket and its connections, each served by a thread."""
+
+    # Socket timeout until a ticket sets its inactivity_timeout (config initial_timeout).
+    initial_timeout = INITIAL_TIMEOUT
 
     def __init__(self, name, sock, app, tls=None, limiter=None):
         self.name = name
@@ -158,7 +232,12 @@ class Service:
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED):
                 log.warning("%s: accept failed: %s", self.name, e)
             return
-        if self.limiter is not None and not self.limiter.acquire(blocking=False):
+        if self.limiter is not None and not self.limiter.acquire():
+            if self.limiter.evict():
+                # The evicted connection's thread gives its place back in a moment.
+                threading.Thread(target=self._serve, args=(sock, address, True), daemon=True,
+                                 name=f"{self.name}-conn").start()
+                return
             log.warning("%s: too many connections, refusing one", self.name)
             if self._refusing.acquire(blocking=False):
                 threading.Thread(target=self._refuse, args=(sock,), daemon=True,
@@ -169,15 +248,24 @@ class Service:
         threading.Thread(target=self._serve, args=(sock, address), daemon=True,
                          name=f"{self.name}-conn").start()
 
-    def _serve(self, sock, address):
+    def _serve(self, sock, address, wait_for_room=False):
+        if wait_for_room and not self.limiter.acquire(timeout=REFUSE_TIMEOUT):
+            if self._refusing.acquire(blocking=False):
+                self._refuse(sock)
+            else:
+                sock.close()
+            return
+        slot = self.limiter.track(sock) if self.limiter is not None else None
         conn = None
         try:
-            sock.settimeout(INITIAL_TIMEOUT)
+            sock.settimeout(self.initial_timeout)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls is not None:
                 sock = self.tls.wrap_socket(sock, server_side=True)
             conn = http.Connection(sock, self, address)
+            if slot is not None:
+                slot.conn = conn
             with self._lock:
                 self.connections.add(conn)
             if self.app.metrics is not None:
@@ -194,6 +282,8 @@ class Service:
                 if self.app.metrics is not None:
                     self.app.metrics.connection(-1)
                 conn.close()
+            if slot is not None:
+                self.limiter.untrack(slot)
             try:
                 sock.close()
             except OSError:
@@ -289,7 +379,7 @@ class Server:
                                      group)
             self.services.append(Service("control", control, App("control", self.registry,
                                                                  metrics=self.metrics)))
-            limiter = threading.BoundedSemaphore(cfg.max_connections)
+            limiter = Limiter(cfg.max_connections)
             local = cfg.local_address
             if local:
                 sock = _unix_listener(local, 0o660)
@@ -323,6 +413,7 @@ class Server:
     def serve(self):
         """Run until SIGTERM or SIGINT (or stop()), then stop cleanly."""
         for service in self.services:
+            service.initial_timeout = getattr(self.config, "initial_timeout", INITIAL_TIMEOUT)
             service.start()
         log.info("nbdproxy ready %s", self.describe())
         self._stop.wait()
