@@ -60,13 +60,13 @@ def compare(a, b):
 
 
 def make_image(path, fmt, layout):
-    """A SIZE image; layout "data": 1 MiB of random data at the start, middle and end,
-    "empty": no data at all."""
+    """A SIZE image; layout "data": 1 MiB of data at the start, middle (not MiB-aligned) and
+    end, "empty": no data at all."""
     qemu_img("create", "-q", "-f", fmt, path, str(SIZE))
     if layout == "data":
         commands = []
         for offset in (0, SIZE // 2 - 3 * 4096, SIZE - MiB):
-            # qemu-io writes a pattern; vary it per offset and make it not all one byte.
+            # qemu-io writes a pattern: one per offset, and a different 4 KiB inside.
             commands.append(f"write -q -P 0x{(offset >> 12) % 251 + 1:02x} {offset} {MiB}")
             commands.append(f"write -q -P 0x5a {offset + 4096} 4096")
         qemu_io(path, fmt, *commands)
@@ -81,7 +81,7 @@ def dirty_target(path, fmt):
     return path
 
 
-def closed_connections(daemon, service, expect=None, timeout=5):
+def closed_connections(daemon, service, expect=None, timeout=15):
     """[(requests, bytes in, bytes out)] of the closed connections of a service, from the log.
 
     A connection is logged when the daemon sees it close, just after the client closed it; wait
