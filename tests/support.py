@@ -22,8 +22,14 @@ NBDPROXY = [sys.executable, "-m", "nbdproxy"]
 def wait_for_socket(path, proc=None, timeout=10):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        # The file appears at bind(), before listen(): wait until a connection is accepted.
         if os.path.exists(path):
-            return
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                try:
+                    s.connect(path)
+                    return
+                except OSError:
+                    pass
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
         time.sleep(0.01)
