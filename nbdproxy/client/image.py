@@ -5,7 +5,6 @@ ovirt-imageio daemon. After OPTIONS it moves to the unix socket the server adver
 server is on this host, and stays on TCP when that does not work.
 """
 
-import errno
 import http.client
 import json
 import logging
@@ -370,7 +369,3 @@ def read_fully(readinto, view, client=None):
             raise ClientError(f"{where} closed the connection {len(view) - got} bytes early")
         got += n
     return got
-
-
-def enospc(e):
-    return getattr(e, "errno", None) == errno.ENOSPC

@@ -8,11 +8,13 @@ finally by whoever started it.
 
 import collections
 import ctypes
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -43,14 +45,21 @@ def _die_with_parent():
         pass
 
 
+def _one_line(text):
+    """qemu's messages on one line, without the program name: "qemu-img: Could not open..."."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    lines = [line.split(": ", 1)[1] if line.startswith(("qemu-img: ", "qemu-nbd: ")) else line
+             for line in lines]
+    return " ".join(lines)
+
+
 def _run(argv):
     try:
         p = subprocess.run(argv, capture_output=True, text=True)
     except FileNotFoundError:
         raise ClientError(f"{argv[0]} is not installed") from None
     if p.returncode != 0:
-        msg = p.stderr.strip().splitlines()
-        raise ClientError(msg[-1] if msg else f"{argv[0]} failed with exit status {p.returncode}")
+        raise ClientError(_one_line(p.stderr) or f"{argv[0]} failed with exit status {p.returncode}")
     return p.stdout
 
 
@@ -88,10 +97,13 @@ class Server:
             argv += ["--discard=unmap", "--detect-zeroes=unmap"]
         argv.append(path)
         log.debug("starting %s", argv)
+        # Its messages go to a file: a pipe nobody reads could fill up and stop it.
+        self.log = os.path.join(self.tmpdir, "qemu-nbd.log")
         try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                         start_new_session=True, preexec_fn=_die_with_parent)
+            with open(self.log, "wb") as err:
+                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                             stdout=subprocess.DEVNULL, stderr=err,
+                                             start_new_session=True, preexec_fn=_die_with_parent)
         except FileNotFoundError:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             raise ClientError("qemu-nbd is not installed") from None
@@ -101,13 +113,23 @@ class Server:
             self.stop()
             raise
 
-    def _wait_ready(self, timeout=20):
+    def _wait_ready(self, timeout=30):
+        """Wait until qemu-nbd accepts connections. The socket file appears at bind(), before
+        listen(): a connection then is refused, so try one instead of looking for the file."""
         deadline = time.monotonic() + timeout
-        while not os.path.exists(self.sock):
+        while True:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+                with open(self.log, errors="replace") as f:
+                    err = _one_line(f.read())
                 raise ClientError(f"cannot open {self.path}: "
-                                  + (err[-1] if err else f"qemu-nbd exited {self.proc.returncode}"))
+                                  + (err or f"qemu-nbd exited {self.proc.returncode}"))
+            if os.path.exists(self.sock):
+                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                    try:
+                        s.connect(self.sock)
+                        return
+                    except OSError:
+                        pass
             if time.monotonic() > deadline:
                 raise ClientError(f"cannot open {self.path}: qemu-nbd did not start")
             time.sleep(0.01)
@@ -120,12 +142,11 @@ class Server:
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
-                proc.wait(20)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
+                # qemu-nbd loses a SIGTERM that comes while it starts.
                 proc.kill()
                 proc.wait()
-        if proc is not None and proc.stderr:
-            proc.stderr.close()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
 
     def __enter__(self):
@@ -170,7 +191,7 @@ class Handle:
         _free(h)
 
     def _error(self, what, e):
-        if e.errno == 28:   # ENOSPC
+        if e.errnum == errno.ENOSPC:
             return ClientError(f"{self.name}: {what} failed: no space left on device")
         return ClientError(f"{self.name}: {what} failed: {e.string or e}")
 
@@ -229,9 +250,10 @@ class Handle:
                     queue.append((self.h.aio_pread(nbd.Buffer.from_buffer(slot), pos), whole,
                                   slot))
                     pos += len(slot)
-                cookie, whole, slot = queue[0]
+                # Out of the queue before the wait: a failed command is retired by the wait,
+                # and waiting for it again in _drain would never end.
+                cookie, whole, slot = queue.popleft()
                 self._wait(cookie)
-                queue.popleft()
                 yield slot
                 free.append(whole)
         except nbd.Error as e:
@@ -258,9 +280,8 @@ class Handle:
                                   len(slot)))
                     pos += len(slot)
                     continue
-                cookie, whole, n = queue[0]
+                cookie, whole, n = queue.popleft()
                 self._wait(cookie)
-                queue.popleft()
                 free.append(whole)
                 if on_written:
                     on_written(n)
@@ -293,6 +314,8 @@ class Handle:
 
     def _wait(self, cookie):
         while not self.h.aio_command_completed(cookie):
+            if not self.h.aio_in_flight():
+                return      # retired already: its error was reported
             self.h.poll(-1)
 
     def _drain(self, queue):
