@@ -49,8 +49,8 @@ def qcow2_image(tmp_path):
     """A 64 MiB qcow2 image with a 1 MiB cluster of data at 1 MiB and 40 MiB."""
     path = str(tmp_path / "disk.qcow2")
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", path, "64M"], check=True)
-    subprocess.run(["qemu-io", "-q", "-f", "qcow2", "-c", "write -P 0x55 1M 1M",
-                    "-c", "write -P 0xaa 40M 1M", path], check=True)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -q -P 0x55 1M 1M",
+                    "-c", "write -q -P 0xaa 40M 1M", path], check=True)
     return path
 
 

@@ -134,11 +134,12 @@ class Daemon:
     def _wait_ready(self, timeout=15):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            m = re.search(r"nbdproxy ready .*remote=https?://\S+:(\d+)", self.read_log())
+            # The daemon's own line, not a traceback quoting the source that logs it.
+            m = re.search(r"(?m)^\S+ \S+ INFO \[nbdproxy.server\] nbdproxy ready (.*)$",
+                          self.read_log())
             if m:
-                return int(m[1])
-            if "nbdproxy ready" in self.read_log():
-                return None
+                port = re.search(r"remote=https?://\S+:(\d+)", m[1])
+                return int(port[1]) if port else None
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n"
                                    + self.read_log())
