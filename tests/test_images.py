@@ -6,6 +6,7 @@ and real qemu-nbd / nbdkit processes; data written is read back through NBD afte
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -94,6 +95,17 @@ def listening(server, timeout=10):
                 if time.monotonic() > deadline:
                     raise
         time.sleep(0.01)
+
+
+def stop_server(server):
+    """Stop an NBD server; qemu-nbd may miss a SIGTERM sent right after it started, so repeat."""
+    while server.proc.poll() is None:
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(0.2)
+        except subprocess.TimeoutExpired:
+            pass
+    server.stop()
 
 
 def qemu_map(path):
@@ -321,7 +333,7 @@ def test_get_pieces_at_most_buffer_size(tmp_path, cert):
         assert body == read_export(server.sock)
     finally:
         d.stop()
-        server.stop()
+        stop_server(server)
     assert counts and max(counts) <= MiB
     assert sum(counts) == 12 * MiB
 
@@ -425,7 +437,7 @@ def logged(tmp_path, daemon):
     server.log = log
     yield server
     request(daemon.control(), "DELETE", "/tickets/logged")
-    server.stop()
+    stop_server(server)
 
 
 @pytest.mark.parametrize("query,flushes", [("", 1), ("?flush=y", 1), ("?flush=n", 0)])
@@ -545,7 +557,7 @@ def sparse_export(tmp_path):
     server = listening(qemu_nbd(path, str(tmp_path / "alloc.sock"), "raw", "--discard=unmap"))
     server.path = path
     yield server
-    server.stop()
+    stop_server(server)
 
 
 def allocated(path):
