@@ -826,3 +826,25 @@ def test_max_connections_tls(tmp_path, cert):
         kept.close()
     finally:
         d.stop()
+
+
+def test_failed_operation_log_line(mem, daemon):
+    """A PUT whose client goes away mid-body is logged as a failed operation."""
+    daemon.add_ticket(mem.url, 16 * MiB, ticket_id="cut")
+    put = start_put(daemon.local_socket, "cut", bytes(2 * MiB), 100000)
+    put.close()
+    pattern = r"op=write ticket=cut offset=0 size=\d+ seconds=\d+\.\d+ failed"
+    deadline = time.monotonic() + 5
+    while not re.search(pattern, daemon.read_log()):
+        assert time.monotonic() < deadline, daemon.read_log()
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "too-long"])
+def test_bad_socket_path(tmp_path, where):
+    (tmp_path / "file").write_text("")
+    path = {"under-a-file": str(tmp_path / "file" / "control.sock"),
+            "too-long": str(tmp_path / ("x" * 120))}[where]
+    line = fail(tmp_path, base_args(tmp_path, **{"--control-socket": path}))
+    assert line.startswith("nbdproxy: ")
+    assert path in line
