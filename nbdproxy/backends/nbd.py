@@ -381,6 +381,10 @@ class Handle:
 
     def _wait(self, cookie, submitted=None):
         while not self.h.aio_command_completed(cookie):
+            if not self.h.aio_in_flight():
+                # Retired already (a failed command whose error was raised, waited again by
+                # _drain): libnbd answers False for it forever and poll(-1) would never return.
+                return
             self.h.poll(-1)
         if submitted is not None and self.metrics is not None:
             self.metrics.nbd_latency(time.monotonic() - submitted)
