@@ -6,6 +6,7 @@ no data is copied in Python on the way between the socket and NBD.
 
 import http.server
 import logging
+import mmap
 import socket
 import time
 import urllib.parse
@@ -147,8 +148,11 @@ class Connection:
         self.sock.settimeout(ticket.inactivity_timeout or None)
 
     def buffer(self, size):
+        """The connection's buffer: anonymous memory, whose pages become resident only when a
+        request touches them, so 64 KiB requests cost 64 KiB, not buffer_size, and the memory
+        goes back to the system when the connection closes (no heap fragmentation)."""
         if self._buffer is None or len(self._buffer) != size:
-            self._buffer = bytearray(size)
+            self._buffer = mmap.mmap(-1, size)
         return self._buffer
 
     def shutdown(self):
@@ -158,6 +162,7 @@ class Connection:
             pass
 
     def close(self):
+        self._buffer = None     # freed now, even if something still points at this connection
         for ticket in self.tickets:
             ticket.remove_connection(self)
         log.info("connection closed id=%d service=%s requests=%d in=%d out=%d seconds=%.3f",
@@ -271,7 +276,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if resp.headers.get("Connection", "").lower() == "close":
             self.close_connection = True
         self.connection_state.bytes_in += body.received
-        self._send(resp)
+        try:
+            self._send(resp)
+        finally:
+            # webob caches parsed queries in environ, objects that point back to environ: a
+            # cycle that would keep this connection (and its buffer) alive until a gc run.
+            environ.clear()
 
     def _send(self, resp):
         app_iter = resp.app_iter
