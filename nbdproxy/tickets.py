@@ -252,9 +252,10 @@ class Registry:
             old = self._tickets.get(ticket_id)
             self._tickets[ticket_id] = ticket
         if old is not None:
+            # Its running requests stop after their current piece; the pool closes idle
+            # handles now and busy ones as they are given back.
             old.canceled = True
-            if not old.active:
-                old.backend.close()
+            old.backend.close()
         log.info("ticket added id=%s ops=%s size=%d url=%s",
                  ticket_id, ",".join(fields["ops"]), fields["size"], fields["url"])
         return ticket
