@@ -551,3 +551,65 @@ def _merge(extents):
         else:
             out.append(dict(e))
     return out
+
+
+def test_target_disk_full(daemon, tmp_path):
+    """The target's writes fail (nbdkit full: ENOSPC): one line, at once, not a hang."""
+    sock = str(tmp_path / "full.sock")
+    full = NBDServer(["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
+                      "full", f"size={SIZE}"], sock)
+    try:
+        daemon.add_ticket(full.url, SIZE, ("write",))
+        src = make_raw(tmp_path / "src.raw", SIZE, range(0, SIZE, 8 * MiB), 8 * MiB)
+        start = time.monotonic()
+        p = cli("upload", src, f"https://localhost:{daemon.port}/images/test",
+                "--cafile", daemon.cert, check=False, timeout=60)
+        assert_one_line_error(p, "PUT failed: 500")
+        assert time.monotonic() - start < 30
+    finally:
+        full.kill()
+        full.stop()
+
+
+# contrib/: the backup example and the virt-v2v guide
+
+def venv_env():
+    return dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
+                + os.environ["PATH"])
+
+
+def test_backup_example(tmp_path):
+    p = subprocess.run(["bash", os.path.join(TOP, "contrib", "backup", "backup.sh"),
+                        str(tmp_path / "work")], capture_output=True, text=True, timeout=120,
+                       env=dict(venv_env(), NBDPROXY=" ".join(NBDPROXY)))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "OK"
+    assert "restored.raw equals the disk" in p.stderr
+    # Nothing left running: no qemu-nbd of the example.
+    assert not qemu_nbd_serving(str(tmp_path / "work" / "disk.qcow2"))
+    assert not qemu_nbd_serving(str(tmp_path / "work" / "restored.raw"))
+
+
+def guide_block(name):
+    with open(os.path.join(TOP, "contrib", "v2v-import.md")) as f:
+        text = f.read()
+    after = text.split(f"<!-- test: {name} -->", 1)[1]
+    return after.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_v2v_guide(daemon, tmp_path):
+    out = tmp_path / "v2v"
+    out.mkdir()
+    # Stands in for virt-v2v -o local -of qcow2: a sparse qcow2 named NAME-sda.
+    disk = make_qcow2(out / "guest-sda", 2 * GiB, "write -P 0x10 0 1M", "write -P 0x20 1G 3M",
+                      "write -P 0x30 2047M 1M")
+    env = dict(venv_env(), OUT=str(out), TARGET=str(tmp_path / "target.raw"),
+               CONTROL=daemon.control_socket, HOST="localhost", PORT=str(daemon.port),
+               CAFILE=daemon.cert)
+    # nbdproxy on PATH is the venv's entry point.
+    assert os.path.exists(os.path.join(os.path.dirname(sys.executable), "nbdproxy"))
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", guide_block("upload")], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    compare(disk, tmp_path / "target.raw")
+    wait_for(lambda: not qemu_nbd_serving(str(tmp_path / "target.raw")), timeout=10)
