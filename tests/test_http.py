@@ -503,3 +503,32 @@ def test_refused_large_put_gets_its_answer(daemon, ticket, raw_export, service, 
     resp.read()
     conn.close()
     assert read_export(raw_export.sock, SIZE - 4096, 4096) == before
+
+
+def test_socket_modes(daemon):
+    """The local socket file is 0660, the control socket 0600 (no group configured)."""
+    import stat
+    assert stat.S_ISSOCK(os.stat(daemon.local_socket).st_mode)
+    assert stat.S_IMODE(os.stat(daemon.local_socket).st_mode) == 0o660
+    assert stat.S_IMODE(os.stat(daemon.control_socket).st_mode) == 0o600
+
+
+def test_remote_is_tls_only(daemon):
+    """With a certificate configured, the TCP service does not speak plain HTTP."""
+    out = b""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as s:
+        s.sendall(head_bytes("OPTIONS", "/images/*"))
+        try:
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                out += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    assert not out.startswith(b"HTTP/")
+    # The same request over TLS works.
+    conn = daemon.remote()
+    conn.request("OPTIONS", "/images/*")
+    assert conn.getresponse().status == 200
+    conn.close()
