@@ -275,6 +275,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.linger = True
         if resp.headers.get("Connection", "").lower() == "close":
             self.close_connection = True
+        elif self.close_connection:
+            # The client asked to close (Connection: close, or HTTP/1.0 without keep-alive):
+            # say so in the answer, as RFC 9112 9.6 wants.
+            resp.headers["Connection"] = "close"
         self.connection_state.bytes_in += body.received
         try:
             self._send(resp)

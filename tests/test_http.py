@@ -532,3 +532,29 @@ def test_remote_is_tls_only(daemon):
     conn.request("OPTIONS", "/images/*")
     assert conn.getresponse().status == 200
     conn.close()
+
+
+@pytest.mark.parametrize("head", [
+    b"OPTIONS /images/* HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    b"OPTIONS /images/* HTTP/1.0\r\n\r\n",
+])
+def test_client_asks_to_close(daemon, service, head):
+    s = raw_socket(daemon, service)
+    r = Reader(s)
+    s.sendall(head)
+    status, headers, body = r.response()
+    assert status == 200
+    assert headers["connection"].lower() == "close"
+    assert r.closed()
+    s.close()
+
+
+def test_http10_keep_alive(daemon, service):
+    s = raw_socket(daemon, service)
+    r = Reader(s)
+    for _ in range(2):
+        s.sendall(b"OPTIONS /images/* HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        status, headers, body = r.response()
+        assert status == 200
+        assert headers.get("connection", "").lower() != "close"
+    s.close()
