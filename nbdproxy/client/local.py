@@ -80,6 +80,15 @@ def create(path, fmt, size, backing_file=None):
     _run(argv)
 
 
+def _direct_io(path):
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
 class Server:
     """A private qemu-nbd serving path on a unix socket in a temporary directory."""
 
@@ -88,8 +97,12 @@ class Server:
         self.fmt = fmt
         self.tmpdir = tempfile.mkdtemp(prefix="nbdproxy-")
         self.sock = os.path.join(self.tmpdir, "nbd.sock")
+        # O_DIRECT where the file system has it (not tmpfs): no copy through the page cache,
+        # measured faster on these machines; qemu-nbd fails to open the image otherwise.
+        cache = ["--cache=none", "--aio=native"] if _direct_io(path) else \
+            ["--cache=writeback", "--aio=threads"]
         argv = ["qemu-nbd", "--persistent", f"--shared={shared}", f"--socket={self.sock}",
-                f"--format={fmt}", "--cache=writeback", "--aio=threads"]
+                f"--format={fmt}", *cache]
         if read_only:
             argv.append("--read-only")
         else:
