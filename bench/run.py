@@ -55,8 +55,10 @@ class Scenario:
     a dict with at least "value" (in unit), and where it applies "seconds", "bytes", "server_cpu".
     """
 
-    def __init__(self, name, unit, run, limit=None, higher=True, targets=(), daemons=DAEMONS):
+    def __init__(self, name, unit, run, limit=None, higher=True, targets=(), daemons=DAEMONS,
+                 repeat=1):
         self.name, self.unit, self.run = name, unit, run
+        self.repeat = repeat        # samples per run: short scenarios take more, noise is large
         self.limit = limit          # description of the limit column, or None
         self.higher = higher        # True: bigger is better (MiB/s, req/s); False: seconds
         self.targets = targets
@@ -265,7 +267,7 @@ def sparse_scenarios(ctx):
             s["value"] = s["seconds"]
             return s
         out.append(Scenario(f"sparse-extents/{transport}", "s", extents, limit="nbdinfo --map",
-                            higher=False, targets=[("max", EXTENTS_TARGET)]))
+                            higher=False, targets=[("max", EXTENTS_TARGET)], repeat=3))
 
         def download(ctx, system, transport=transport):
             if system == "limit":
@@ -279,7 +281,7 @@ def sparse_scenarios(ctx):
             return s
         out.append(Scenario(f"sparse-download/{transport}/4conn", "s", download,
                             limit="nbdcopy -C 4", higher=False,
-                            targets=[("max", SPARSE_DL_TARGET)]))
+                            targets=[("max", SPARSE_DL_TARGET)], repeat=3))
 
         def upload(ctx, system, transport=transport):
             before = lambda: systems.fresh_sparse_target(ctx.sparse_dst_path, size)  # noqa: E731
@@ -303,7 +305,7 @@ def sparse_scenarios(ctx):
             s["value"] = s["seconds"]
             return s
         out.append(Scenario(f"sparse-upload/{transport}/4conn", "s", upload,
-                            limit="libnbd, same requests", higher=False))
+                            limit="libnbd, same requests", higher=False, repeat=3))
     return out
 
 
@@ -335,7 +337,7 @@ def small_scenarios(ctx):
                 s["value"] = s["requests"] / s["seconds"]
                 return s
             out.append(Scenario(f"small-{op}/{transport}/4conn", "req/s", run,
-                                limit="libnbd, same requests"))
+                                limit="libnbd, same requests", repeat=2))
     return out
 
 
@@ -369,7 +371,8 @@ def checksum_scenarios(ctx):
             s["value"] = s["seconds"]
             return s
         limit = "local blkhash (Python, in memory)"
-        out.append(Scenario(f"checksum/{which}/unix", "s", run, limit=limit, higher=False))
+        out.append(Scenario(f"checksum/{which}/unix", "s", run, limit=limit, higher=False,
+                            repeat=3 if which == "sparse" else 1))
     return out
 
 
@@ -521,9 +524,17 @@ def parse_args(argv):
     p.add_argument("--only", metavar="REGEX", action="append",
                    help="scenarios whose name matches (re.search; a glob works too); repeatable")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    p.add_argument("--nbd-env", metavar="NAME=VALUE", action="append", default=[],
+                   help="more environment for qemu-nbd and nbdkit (all systems), e.g. "
+                   "MALLOC_TRIM_THRESHOLD_=67108864; repeatable")
     p.add_argument("--output", help="JSON file (default bench/results/<date>.json)")
     p.add_argument("--no-save", action="store_true", help="do not write the JSON file")
     args = p.parse_args(argv)
+    for item in args.nbd_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            p.error(f"--nbd-env wants NAME=VALUE, not {item!r}")
+        systems.NBD_SERVER_ENV[name] = value
     if args.runs is None:
         args.runs = 1 if args.quick else 5
     return args
@@ -571,22 +582,25 @@ def main(argv=None):
                 # Rotate who goes first, so that a slow moment of the machine is shared.
                 k = (run + scenarios.index(scenario)) % len(order)
                 for system in order[k:] + order[:k]:
-                    s = scenario.run(ctx, system)
-                    samples[scenario.name][system].append(s)
-                    log(f"[{run + 1}/{args.runs}] {scenario.name:32} {system:9} "
-                        f"{fmt(s['value'], scenario.unit):>8} {scenario.unit}")
+                    for _ in range(scenario.repeat):
+                        s = scenario.run(ctx, system)
+                        samples[scenario.name][system].append(s)
+                        log(f"[{run + 1}/{args.runs}] {scenario.name:32} {system:9} "
+                            f"{fmt(s['value'], scenario.unit):>8} {scenario.unit}")
     finally:
         ctx.stop_daemons()
     rows = [summarize(s, samples[s.name]) for s in scenarios]
     cache = "none (O_DIRECT), aio=native" if ctx.direct else "writeback (no O_DIRECT here)"
     header = [
-        f"nbdproxy benchmark {started:%Y-%m-%d %H:%M}, {args.runs} run(s) per cell, medians"
+        f"nbdproxy benchmark {started:%Y-%m-%d %H:%M}, {args.runs} run(s) per cell "
+        "(x2-3 samples per run for short rows), medians"
         + (" (--quick)" if args.quick else ""),
         f"dense image {ctx.sizes['dense'] >> 20} MiB random data; sparse image "
         f"{ctx.sizes['sparse'] >> 30} GiB virtual, {ctx.sizes['sparse_data'] >> 20} MiB data in "
         f"{ctx.sizes['piece'] >> 20} MiB pieces",
-        f"qemu-nbd cache={cache}; fresh NBD server per sample; MALLOC_MMAP_THRESHOLD_=33554432 "
-        "in the environment of qemu-nbd and nbdkit for every system",
+        f"qemu-nbd cache={cache}; fresh NBD server per sample; "
+        + " ".join(f"{k}={v}" for k, v in systems.NBD_SERVER_ENV.items())
+        + " in the environment of qemu-nbd and nbdkit for every system",
         f"ovirt-imageio {systems.IMAGEIO_VERSION} (default configuration, TLS) from "
         f"{os.path.relpath(systems.IMAGEIO_VENV, systems.TOP)}",
         "np/io and np/lim: how many times faster nbdproxy is (>1 is better; for rows in s the "
@@ -601,7 +615,7 @@ def main(argv=None):
     result = {
         "date": started.isoformat(timespec="seconds"),
         "host": platform.node(), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "nbdproxy_commit": _git_head(),
+        "nbdproxy_commit": _git_head(), "nbdproxy_uncommitted": _git_dirty(),
         "runs": args.runs, "quick": args.quick, "only": args.only,
         "sizes": ctx.sizes, "qemu_nbd_cache": "none" if ctx.direct else "writeback",
         "nbd_servers": ctx.nbd.describe(), "nbd_server_env": systems.NBD_SERVER_ENV,
@@ -627,6 +641,16 @@ def _git_head():
                               capture_output=True, text=True).stdout.strip() or None
     except OSError:
         return None
+
+
+def _git_dirty():
+    """Files of the daemon that differ from the commit (the tree is shared while it is tuned)."""
+    try:
+        out = subprocess.run(["git", "-C", systems.TOP, "status", "--porcelain", "nbdproxy"],
+                             capture_output=True, text=True).stdout
+    except OSError:
+        return None
+    return [line[3:] for line in out.splitlines()]
 
 
 if __name__ == "__main__":

@@ -251,8 +251,9 @@ class NBDFactory:
         self.count = 0
 
     def describe(self):
+        env = " ".join(f"{k}={v}" for k, v in NBD_SERVER_ENV.items())
         return ("qemu-nbd --persistent --shared=8 " + " ".join(self.cache_args)
-                + " (MALLOC_MMAP_THRESHOLD_=33554432); nbdkit file (same environment)")
+                + f" ({env}); nbdkit file (same environment)")
 
     def start(self, kind, image, discard=False):
         self.count += 1
