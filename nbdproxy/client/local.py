@@ -36,13 +36,17 @@ MAX_REQUEST = 1024**3
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent():
-    """preexec_fn: SIGTERM when the process that started us exits, even by SIGKILL."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except Exception:
-        pass
+def _die_with_parent(parent):
+    """A preexec_fn: SIGTERM when the process that started us exits, even by SIGKILL."""
+    def preexec():
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except Exception:
+            pass
+        if os.getppid() != parent:
+            os._exit(1)     # the parent died before prctl: nobody would stop us
+    return preexec
 
 
 def _one_line(text):
@@ -93,6 +97,7 @@ class Server:
     """A private qemu-nbd serving path on a unix socket in a temporary directory."""
 
     def __init__(self, path, fmt, read_only=False, shared=8):
+        self.ready = False
         self.path = path
         self.fmt = fmt
         self.tmpdir = tempfile.mkdtemp(prefix="nbdproxy-")
@@ -101,7 +106,8 @@ class Server:
         # measured faster on these machines; qemu-nbd fails to open the image otherwise.
         cache = ["--cache=none", "--aio=native"] if _direct_io(path) else \
             ["--cache=writeback", "--aio=threads"]
-        argv = ["qemu-nbd", "--persistent", f"--shared={shared}", f"--socket={self.sock}",
+        # One more client than asked: the probe of _wait_ready may not be gone yet.
+        argv = ["qemu-nbd", "--persistent", f"--shared={shared + 1}", f"--socket={self.sock}",
                 f"--format={fmt}", *cache]
         if read_only:
             argv.append("--read-only")
@@ -116,7 +122,8 @@ class Server:
             with open(self.log, "wb") as err:
                 self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                              stdout=subprocess.DEVNULL, stderr=err,
-                                             start_new_session=True, preexec_fn=_die_with_parent)
+                                             start_new_session=True,
+                                             preexec_fn=_die_with_parent(os.getpid()))
         except FileNotFoundError:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             raise ClientError("qemu-nbd is not installed") from None
@@ -140,6 +147,7 @@ class Server:
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
                     try:
                         s.connect(self.sock)
+                        self.ready = True
                         return
                     except OSError:
                         pass
@@ -153,11 +161,11 @@ class Server:
     def stop(self):
         proc = self.proc if hasattr(self, "proc") else None
         if proc is not None and proc.poll() is None:
-            proc.terminate()
+            # qemu-nbd loses a SIGTERM that comes while it starts; then nothing was written yet.
+            proc.send_signal(signal.SIGTERM if self.ready else signal.SIGKILL)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
-                # qemu-nbd loses a SIGTERM that comes while it starts.
                 proc.kill()
                 proc.wait()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
