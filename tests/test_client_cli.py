@@ -451,6 +451,34 @@ def test_interrupted_download(daemon, slow_export, tmp_path, sig):
             proc.wait()
 
 
+def test_interrupted_upload(daemon, tmp_path):
+    sock = str(tmp_path / "slow.sock")
+    target = NBDServer(["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
+                        "--filter=rate", "memory", "size=128M", "rate=10M"], sock)
+    try:
+        daemon.add_ticket(target.url, 128 * MiB, ("write",))
+        src = make_raw(tmp_path / "src.raw", 128 * MiB, range(0, 128 * MiB, 16 * MiB), 8 * MiB)
+        proc = subprocess.Popen(NBDPROXY + ["upload", src, f"https://localhost:{daemon.port}"
+                                            "/images/test", "--cafile", daemon.cert],
+                                cwd=TOP, stderr=subprocess.PIPE, text=True)
+        try:
+            pids = wait_for(lambda: qemu_nbd_serving(src))
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGINT)
+            proc.wait(20)
+            assert proc.returncode == 130
+            assert proc.stderr.read().strip() == "nbdproxy: interrupted"
+            assert not any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids)
+            assert os.path.getsize(src) == 128 * MiB     # the source is untouched
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    finally:
+        target.kill()
+        target.stop()
+
+
 def _zombie(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
