@@ -292,10 +292,11 @@ class ImageClient:
         end = offset + length - 1
         resp = self._send("GET", self.path, headers={"Range": f"bytes={offset}-{end}"})
         self._check(resp, "GET", (200, 206))
-        if resp.status == 200 and offset != 0:
+        if resp.length is not None and resp.length != length:
             resp.close()
             self._conn.close()
-            raise ClientError(f"{self.url}: the server ignored the Range header")
+            raise ClientError(f"{self.url}: asked for {length} bytes at {offset}, "
+                              f"the server sends {resp.length}")
         return resp
 
     def readinto(self, offset, view):

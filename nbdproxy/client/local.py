@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -177,6 +178,25 @@ class Server:
         self.stop()
 
 
+def _aio_leaks_buffer():
+    """True when aio_pread/aio_pwrite keep a reference to their buffer object that nothing
+    drops (the Python bindings of libnbd 1.14, Debian 12's). Probed on an unconnected handle:
+    the call fails after taking the reference."""
+    view = memoryview(bytearray(1))
+    before = sys.getrefcount(view)
+    try:
+        nbd.NBD().aio_pread(nbd.Buffer.from_buffer(view), 0)
+    except nbd.Error:
+        pass
+    leaked = sys.getrefcount(view) - before == 1
+    if leaked:
+        ctypes.pythonapi.Py_DecRef(ctypes.py_object(view))
+    return leaked
+
+
+_AIO_LEAKS_BUFFER = _aio_leaks_buffer()
+
+
 def _free(h):
     """Free a libnbd handle now: NBD.close() exists since libnbd 1.16; with 1.14 (Debian 12) the
     handle is freed when its last reference goes, which the caller makes sure of."""
@@ -268,13 +288,13 @@ class Handle:
                 while pos < end and free:
                     whole = free.popleft()
                     slot = whole[:min(piece, end - pos)]
-                    queue.append((self.h.aio_pread(nbd.Buffer.from_buffer(slot), pos), whole,
-                                  slot))
+                    queue.append((self.h.aio_pread(nbd.Buffer.from_buffer(slot), pos), slot,
+                                  whole))
                     pos += len(slot)
                 # Out of the queue before the wait: a failed command is retired by the wait,
                 # and waiting for it again in _drain would never end.
-                cookie, whole, slot = queue.popleft()
-                self._wait(cookie)
+                cookie, slot, whole = queue.popleft()
+                self._retire(cookie, slot)
                 yield slot
                 free.append(whole)
         except nbd.Error as e:
@@ -297,12 +317,13 @@ class Handle:
                     whole = free.popleft()
                     slot = whole[:min(piece, end - pos)]
                     read_fully(readinto, slot)
-                    queue.append((self.h.aio_pwrite(nbd.Buffer.from_buffer(slot), pos), whole,
-                                  len(slot)))
+                    queue.append((self.h.aio_pwrite(nbd.Buffer.from_buffer(slot), pos), slot,
+                                  whole))
                     pos += len(slot)
                     continue
-                cookie, whole, n = queue.popleft()
-                self._wait(cookie)
+                cookie, slot, whole = queue.popleft()
+                n = len(slot)
+                self._retire(cookie, slot)
                 free.append(whole)
                 if on_written:
                     on_written(n)
@@ -339,10 +360,20 @@ class Handle:
                 return      # retired already: its error was reported
             self.h.poll(-1)
 
+    def _retire(self, cookie, view):
+        """Wait for an aio command on view; then give back the reference to view that libnbd
+        1.14's bindings take and never drop (each command would leak its memoryview, and
+        through it the worker's buffer)."""
+        try:
+            self._wait(cookie)
+        finally:
+            if _AIO_LEAKS_BUFFER:
+                ctypes.pythonapi.Py_DecRef(ctypes.py_object(view))
+
     def _drain(self, queue):
         while queue:
-            cookie = queue.popleft()[0]
+            cookie, view, _ = queue.popleft()
             try:
-                self._wait(cookie)
+                self._retire(cookie, view)
             except nbd.Error:
                 pass
