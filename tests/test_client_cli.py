@@ -362,6 +362,10 @@ def test_errors(daemon, exports, tmp_path):
     p = cli("upload", src, ro.url, "--cafile", daemon.cert, check=False)
     assert_one_line_error(p, "does not allow writing")
 
+    p = cli("download", export.url, out, "--cafile", daemon.cert, "--connections", "0",
+            check=False)
+    assert_one_line_error(p, "--connections")
+
     # Not an image URL, a missing file.
     p = cli("download", f"https://localhost:{daemon.port}/tickets/x", out, check=False)
     assert_one_line_error(p, "invalid URL")

@@ -34,7 +34,7 @@ PROBE_LIMIT = 1024**2
 
 
 def _connections(asked, server_max):
-    n = asked or DEFAULT_CONNECTIONS
+    n = DEFAULT_CONNECTIONS if asked is None else asked
     if n < 1:
         raise ClientError("--connections must be at least 1")
     return min(n, server_max)
