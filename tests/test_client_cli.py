@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,9 +86,14 @@ class Export:
     def __init__(self, daemon, image, fmt="raw", ops=("read",), extra=(), **ticket):
         self.sock = os.path.join(os.path.dirname(daemon.control_socket),
                                  f"nbd-{uuid.uuid4().hex[:8]}.sock")
+        size = virtual_size(image)
         self.server = qemu_nbd(str(image), self.sock, fmt, *extra)
         self.id = uuid.uuid4().hex
-        daemon.add_ticket(self.server.url, virtual_size(image), ops, ticket_id=self.id, **ticket)
+        try:
+            daemon.add_ticket(self.server.url, size, ops, ticket_id=self.id, **ticket)
+        except BaseException:
+            self.server.stop()
+            raise
         self.daemon = daemon
         self.url = f"https://localhost:{daemon.port}/images/{self.id}"
 
@@ -407,6 +413,17 @@ def qemu_nbd_serving(path):
     return pids
 
 
+def private_dirs(pids):
+    """The temporary directories of the client's qemu-nbd processes (their --socket)."""
+    dirs = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            for arg in f.read().decode().split("\0"):
+                if arg.startswith("--socket="):
+                    dirs.add(os.path.dirname(arg[len("--socket="):]))
+    return dirs
+
+
 def wait_for(cond, timeout=15):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -436,13 +453,17 @@ def test_interrupted_download(daemon, slow_export, tmp_path, sig):
                                         daemon.cert], cwd=TOP, stderr=subprocess.PIPE, text=True)
     try:
         pids = wait_for(lambda: qemu_nbd_serving(out))
+        tmpdirs = private_dirs(pids)
         time.sleep(0.5)
         proc.send_signal(sig)
         proc.wait(20)
         err = proc.stderr.read()
         if sig == signal.SIGKILL:
             assert proc.returncode == -signal.SIGKILL
+            for d in tmpdirs:   # what a killed client cannot remove
+                shutil.rmtree(d, ignore_errors=True)
         else:
+            assert not any(os.path.exists(d) for d in tmpdirs)
             assert proc.returncode == 130, err
             assert err.strip() == "nbdproxy: interrupted"
             assert not out.exists()
