@@ -116,7 +116,11 @@ class App:
         return self.respond(req, environ.get("nbdproxy.connection"))(environ, start_response)
 
     def _route(self, req):
-        path = req.path_info
+        try:
+            path = req.path_info
+            req.GET     # webob decodes the path and the query as UTF-8, on first use
+        except UnicodeDecodeError:
+            raise errors.BadRequest("Invalid request target: not UTF-8") from None
         if self.service == "control":
             routes, ticket_id = self._control_route(path)
         else:

@@ -32,8 +32,8 @@ def _params(req):
     if algorithm not in hashlib.algorithms_available:
         raise errors.BadRequest(f"Unsupported algorithm {algorithm!r}")
     value = req.GET.get("block_size", str(BLOCK_SIZE))
-    if not value.isdigit():
-        raise errors.BadRequest(f"Invalid block_size {value!r}")
+    if not (value.isascii() and value.isdigit() and len(value) <= 20):
+        raise errors.BadRequest(f"Invalid block_size {value[:30]!r}")
     block_size = int(value)
     if not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size % 4096:
         raise errors.BadRequest(

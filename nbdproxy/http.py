@@ -4,6 +4,7 @@ One thread serves one connection. Bodies are read with readinto and written from
 no data is copied in Python on the way between the socket and NBD.
 """
 
+import email.errors
 import http.server
 import logging
 import mmap
@@ -170,11 +171,23 @@ class Connection:
                  time.monotonic() - self.started)
 
 
+def _after_headers(message):
+    """True when the email parser found lines after what it took for the end of the headers
+    (the Content-Type is not ours to check: message/rfc822 makes an empty sub-message)."""
+    payload = message.get_payload()
+    if isinstance(payload, list):
+        return any(part.items() or _after_headers(part) for part in payload)
+    return bool(payload)
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     """Serves the requests of one connection through the service's app."""
 
     protocol_version = "HTTP/1.1"
     server_version = "nbdproxy/" + __version__
+    # The stdlib's default, "HTTP/0.9", makes every answer bare (no status line, no headers):
+    # errors found before the request line's version was read, and two-word request lines.
+    default_request_version = "HTTP/1.0"
 
     def version_string(self):
         return self.server_version
@@ -205,6 +218,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.raw_requestline = line
             if not self.parse_request():
                 return
+            if self.request_version == "HTTP/0.9":
+                # Answers to HTTP/0.9 would be bare bodies, without status or headers.
+                self.send_error(400, "HTTP/0.9 is not supported")
+                return
+            if not self._headers_ok():
+                self.send_error(400, "Invalid header lines")
+                return
             conn.requests += 1
             self._dispatch()
         finally:
@@ -216,6 +236,18 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().finish()
         if getattr(self, "linger", False):
             _linger(self.request)
+
+    def _headers_ok(self):
+        """The stdlib's parser drops, silently, every header after a malformed line (a bare CR,
+        a line without a colon): a Content-Length there would be ignored and the body read as
+        the next request. Refuse those, and values that are folded or hold a NUL."""
+        headers = self.headers
+        if any(isinstance(d, (email.errors.MissingHeaderBodySeparatorDefect,
+                              email.errors.InvalidHeaderDefect)) for d in headers.defects):
+            return False
+        if _after_headers(headers):
+            return False
+        return not any(c in value for _, value in headers.items() for c in "\r\n\0")
 
     def handle_expect_100(self):
         # Answered by Body when the handler starts reading, not before the handler has run.
@@ -255,7 +287,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         else:
             value = environ.get("CONTENT_LENGTH", "0") or "0"
             # A bad Content-Length is the handler's 400; the body is then left unread.
-            length = int(value) if value.isdigit() else -1
+            # Only ASCII digits ("²".isdigit() is true), and few enough for int().
+            length = int(value) if value.isascii() and value.isdigit() and len(value) <= 20 else -1
         expect = environ.get("HTTP_EXPECT", "").lower() == "100-continue"
         body = Body(self, length, chunked, expect)
         if length == -1:
@@ -349,6 +382,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def send_error(self, code, message=None, explain=None):
         """Errors found by the stdlib parser: text/plain, and the connection closes."""
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"      # else the stdlib sends a bare body
         self.close_connection = True
         self.linger = True
         reason = self.responses.get(code, ("Error",))[0]

@@ -12,8 +12,9 @@ from . import errors
 READ_FEATURES = ["checksum", "extents"]
 WRITE_FEATURES = ["checksum", "extents", "flush", "zero"]
 
-_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
-_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+|\*)/(\d+|\*)")
+# ASCII digits, and not thousands of them (int() refuses numbers of over 4300 digits).
+_RANGE = re.compile(r"bytes=([0-9]{1,1000})-([0-9]{0,1000})")
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,1000})-([0-9]{1,1000}|\*)/([0-9]{1,1000}|\*)")
 
 # A PATCH body is a small JSON object; anything larger is not one of ours.
 MAX_PATCH_BODY = 64 * 1024
@@ -195,8 +196,8 @@ def _content_length(req):
         if req.environ.get("HTTP_TRANSFER_ENCODING", "").lower() == "chunked":
             return None
         raise errors.BadRequest("Content-Length header is required")
-    if not value.isdigit():
-        raise errors.BadRequest(f"Invalid Content-Length {value!r}")
+    if not (value.isascii() and value.isdigit() and len(value) <= 20):
+        raise errors.BadRequest(f"Invalid Content-Length {value[:30]!r}")
     return int(value)
 
 
@@ -261,11 +262,14 @@ def put(ctx, req, ticket_id):
 
 def _json_body(req):
     value = req.environ.get("CONTENT_LENGTH") or "0"
-    if not value.isdigit() or int(value) > MAX_PATCH_BODY:
+    if not (value.isascii() and value.isdigit() and len(value) <= 20) \
+            or int(value) > MAX_PATCH_BODY:
         raise errors.BadRequest("PATCH body must be a JSON object of at most 64 KiB")
     data = req.environ["wsgi.input"].read(int(value))
     try:
         msg = json.loads(data)
+    except RecursionError:
+        raise errors.BadRequest("Invalid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise errors.BadRequest(f"Invalid JSON: {e}") from None
     if not isinstance(msg, dict):

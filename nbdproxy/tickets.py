@@ -13,6 +13,11 @@ log = logging.getLogger("nbdproxy.tickets")
 
 OPS = ("read", "write")
 
+# Upper bounds of a ticket's numbers: larger timeouts overflow the clock's float and socket
+# timeouts, and a size past 2**63 is no disk (and beyond 4300 digits int() and str() refuse).
+MAX_TIMEOUT = 2**31 - 1
+MAX_SIZE = 2**63 - 1
+
 
 def clock():
     """The daemon's one clock (monotonic seconds); tests replace it to move time."""
@@ -50,6 +55,10 @@ def validate(data):
         "sparse": _field(data, "sparse", bool, False, False),
         "dirty": _field(data, "dirty", bool, False, False),
     }
+    for name, limit in (("size", MAX_SIZE), ("timeout", MAX_TIMEOUT),
+                        ("inactivity_timeout", MAX_TIMEOUT)):
+        if fields[name] > limit:
+            raise errors.BadRequest(f"Invalid ticket: {name!r} must be <= {limit}")
     if not fields["uuid"]:
         raise errors.BadRequest("Invalid ticket: empty 'uuid'")
     if "/" in fields["uuid"]:

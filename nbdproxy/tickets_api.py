@@ -2,7 +2,7 @@
 
 import json
 
-from . import errors
+from . import errors, tickets
 from .images import empty_response, json_response
 
 MAX_BODY = 64 * 1024
@@ -17,8 +17,8 @@ def _json_body(req):
             raise errors.BadRequest(f"Body too large: more than {MAX_BODY} bytes")
         return _parse_json(data)
     value = req.environ.get("CONTENT_LENGTH") or "0"
-    if not value.isdigit():
-        raise errors.BadRequest(f"Invalid Content-Length {value!r}")
+    if not (value.isascii() and value.isdigit() and len(value) <= 20):
+        raise errors.BadRequest(f"Invalid Content-Length {value[:30]!r}")
     if int(value) > MAX_BODY:
         raise errors.BadRequest(f"Body too large: {value} bytes, at most {MAX_BODY}")
     return _parse_json(req.environ["wsgi.input"].read(int(value)))
@@ -27,6 +27,8 @@ def _json_body(req):
 def _parse_json(data):
     try:
         return json.loads(data)
+    except RecursionError:
+        raise errors.BadRequest("Invalid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise errors.BadRequest(f"Invalid JSON: {e}") from None
 
@@ -51,8 +53,10 @@ def patch(ctx, req, ticket_id):
     if not isinstance(data, dict) or "timeout" not in data:
         raise errors.BadRequest("Expecting a JSON object with 'timeout'")
     timeout = data["timeout"]
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0:
-        raise errors.BadRequest(f"Invalid timeout {timeout!r}, expecting an integer >= 0")
+    if (isinstance(timeout, bool) or not isinstance(timeout, int) or timeout < 0
+            or timeout > tickets.MAX_TIMEOUT):
+        raise errors.BadRequest(f"Invalid timeout {str(timeout)[:30]}, expecting an integer "
+                                f"from 0 to {tickets.MAX_TIMEOUT}")
     ctx.registry.get(ticket_id).extend(timeout)
     return empty_response(200)
 

@@ -230,8 +230,8 @@ def test_half_requests_do_not_stop_others(tmp_path, cert, max_connections):
             offset = i * 256 * 1024
             for conn in (UnixHTTPConnection(d.local_socket, timeout=10), https(d)):
                 t0 = time.monotonic()
-                status, _ = request(conn, "PUT", "/images/t", data,
-                                    {"Content-Range": f"bytes {offset}-{offset + len(data) - 1}/*"})
+                status, _ = request(conn, "PUT", "/images/t", data, {
+                    "Content-Range": f"bytes {offset}-{offset + len(data) - 1}/*"})
                 assert status == 200
                 latencies.append(time.monotonic() - t0)
             t0 = time.monotonic()

@@ -175,6 +175,30 @@ def test_header_too_large(memory_ticket, daemon):
     assert status_of(out) == 431
 
 
+@pytest.mark.parametrize("bad", [
+    b"X-A: b\rc\r\n",              # a bare CR: the stdlib would drop every header after it
+    b"NoColon\r\n",                 # a line without a colon: the same
+    b"X-Name : v\r\n",              # a space before the colon
+    b"X-Folded: a\r\n b\r\n",       # obsolete line folding
+    b"X-Nul: a\x00b\r\n",
+])
+def test_malformed_header_lines_are_refused(memory_ticket, daemon, bad):
+    """A Content-Length after a malformed line must not be ignored (the body would be read as a
+    request of its own: request smuggling); such requests get 400 and the connection closes."""
+    body = b"GET /images/abc HTTP/1.1\r\n\r\n"
+    raw = (b"PUT /images/abc HTTP/1.1\r\nHost: x\r\n" + bad
+           + b"Content-Length: %d\r\nContent-Range: bytes 0-%d/*\r\n\r\n"
+           % (len(body), len(body) - 1)
+           + body)
+    out = raw_exchange(daemon.local_socket, raw)
+    assert status_of(out) == 400
+    assert out.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in out
+    # Nothing was written.
+    status, data = request(daemon.local(), "GET", "/images/abc",
+                           headers={"Range": f"bytes=0-{len(body) - 1}"})
+    assert status == 206 and data == bytes(len(body))
+
+
 # The control API is only on the control socket
 
 CONTROL_PATHS = [
