@@ -50,6 +50,8 @@ def build_parser():
     serve.add_argument("--max-connections", type=int)
     serve.add_argument("--nbd-connections", type=int, metavar="N",
                        help="NBD connections per ticket (default 8)")
+    serve.add_argument("--nbd-request-size", type=int, metavar="BYTES",
+                       help="largest NBD read or write command (default 512 KiB)")
     serve.add_argument("--remove-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--stop-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--initial-timeout", type=int, metavar="SECONDS",

@@ -25,6 +25,7 @@ SETTINGS = {
     "buffer_size": (int, 8 * 1024**2),
     "max_connections": (int, 64),
     "nbd_connections": (int, 8),
+    "nbd_request_size": (int, 512 * 1024),
     "remove_timeout": (int, 60),
     "stop_timeout": (int, 30),
     "initial_timeout": (int, 60),
@@ -104,6 +105,10 @@ def check(values):
         raise ConfigError("max_connections: must be at least 1")
     if not 1 <= values["nbd_connections"] <= 64:
         raise ConfigError("nbd_connections: must be from 1 to 64")
+    request = values["nbd_request_size"]
+    if request < 4096 or request > 32 * 1024**2 or request % 4096:
+        raise ConfigError(f"nbd_request_size: {request} must be 4 KiB to 32 MiB, "
+                          "a multiple of 4096")
     if values["log_level"].upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level: {values['log_level']!r} is not one of {LOG_LEVELS}")
     values["log_level"] = values["log_level"].upper()

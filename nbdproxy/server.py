@@ -358,6 +358,7 @@ class Server:
     def _open_backend(self, fields):
         pool = nbd_backend.Pool.for_ticket(fields)
         pool.limit = self.config.nbd_connections
+        pool.request_size = self.config.nbd_request_size
         pool.metrics = self.metrics
         return pool
 
