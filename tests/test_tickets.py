@@ -226,7 +226,7 @@ def test_ranges_merge():
     assert r.union_size() == 30
     r.add(0, 100)       # covers all
     assert r.union_size() == 100
-    assert r._intervals == [(0, 100)]
+    assert r.intervals == [(0, 100)]
 
 
 def test_ranges_union_with_extra():
@@ -247,7 +247,7 @@ def test_ranges_model(pairs, extra):
         r.add(a, b)
         covered.update(range(a, b))
     assert r.union_size() == len(covered)
-    intervals = r._intervals
+    intervals = r.intervals
     assert intervals == sorted(intervals)
     assert all(a < b for a, b in intervals)
     assert all(b1 < a2 for (_, b1), (a2, _) in zip(intervals, intervals[1:]))
