@@ -12,9 +12,9 @@ import logging
 import os
 import queue
 import threading
-from itertools import chain
 
-from ..checksum import ALGORITHM, BLOCK_SIZE, hasher
+from .. import blkhash
+from ..blkhash import ALGORITHM, BLOCK_SIZE
 from . import local
 from .image import ClientError, ImageClient
 from .progress import Progress
@@ -388,47 +388,6 @@ def checksum(filename, algorithm=ALGORITHM, block_size=BLOCK_SIZE):
 
 def compute(h, algorithm=ALGORITHM, block_size=BLOCK_SIZE):
     """blkhash of the image behind local handle h; whole zero blocks are not read."""
-    new = hasher(algorithm)
-    outer = new()
-    zero_digest = new(bytes(block_size)).digest()
-    size = h.size
-    blocks = -(-size // block_size)
-    buf = bytearray(local.BUFFER_SIZE)
-    block = 0
-    for start, length, zero in chain(h.extents(), [(size, 0, True)]):
-        if not zero:
-            continue
-        end = start + length
-        first = -(-start // block_size)
-        # A short last block counts as whole when the zero extent reaches the end of the image.
-        last = end // block_size if end < size else blocks
-        if last <= first:
-            continue
-        if first > block:
-            _hash_data(h, new, outer, buf, block * block_size,
-                       min(first * block_size, size), block_size)
-        for i in range(first, last):
-            n = min(block_size, size - i * block_size)
-            outer.update(zero_digest if n == block_size else new(bytes(n)).digest())
-        block = last
-    if block < blocks:
-        _hash_data(h, new, outer, buf, block * block_size, size, block_size)
-    return outer.hexdigest()
-
-
-def _hash_data(h, new, outer, buf, offset, end, block_size):
-    """Hash the blocks of [offset, end) (offset on a block boundary) one by one into outer."""
-    inner, filled = None, 0
-    for view in h.read(buf, offset, end - offset):
-        while view:
-            if inner is None:
-                inner, filled = new(), 0
-            take = min(len(view), block_size - filled)
-            inner.update(view[:take])
-            filled += take
-            view = view[take:]
-            if filled == block_size:
-                outer.update(inner.digest())
-                inner = None
-    if inner is not None:
-        outer.update(inner.digest())
+    zero = ((start, length) for start, length, is_zero in h.extents() if is_zero)
+    return blkhash.compute(h.size, h.read, zero, algorithm, block_size,
+                           bytearray(local.BUFFER_SIZE))
