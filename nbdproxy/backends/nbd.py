@@ -516,7 +516,9 @@ def _is_zero(view):
 def _backend_error(what, e):
     if isinstance(e, errors.Error):
         return e
-    return errors.BackendError(f"NBD {what} failed: {e}")
+    err = errors.BackendError(f"NBD {what} failed: {e}")
+    err.__cause__ = e   # the nbd.Error, with its errnum, also when it came from a worker
+    return err
 
 
 def _combine(replies, limit):

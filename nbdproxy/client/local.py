@@ -6,7 +6,6 @@ reaches only us), gets SIGTERM from the kernel if we die (PR_SET_PDEATHSIG), and
 finally by whoever started it.
 """
 
-import collections
 import ctypes
 import errno
 import json
@@ -16,23 +15,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
-import nbd
-
+from .. import errors
+from ..backends import nbd as nbd_backend
+from ..extents import iterate
 from .image import ClientError
 
 log = logging.getLogger("nbdproxy.client")
 
-# I/O of one request is split into pieces of PIECE bytes with up to DEPTH of them in flight.
-PIECE = 2 * 1024**2
-DEPTH = 4
-BUFFER_SIZE = PIECE * DEPTH
-
-# The largest block status and zero request sent at once (NBD lengths are 32 bits).
-MAX_REQUEST = 1024**3
+# A worker's buffer: the backend splits it into its pieces in flight.
+PIECE = nbd_backend.PIECE
+BUFFER_SIZE = PIECE * nbd_backend.DEPTH_IN_FLIGHT
 
 PR_SET_PDEATHSIG = 1
 
@@ -178,202 +173,54 @@ class Server:
         self.stop()
 
 
-def _aio_leaks_buffer():
-    """True when aio_pread/aio_pwrite keep a reference to their buffer object that nothing
-    drops (the Python bindings of libnbd 1.14, Debian 12's). Probed on an unconnected handle:
-    the call fails after taking the reference."""
-    view = memoryview(bytearray(1))
-    before = sys.getrefcount(view)
-    try:
-        nbd.NBD().aio_pread(nbd.Buffer.from_buffer(view), 0)
-    except nbd.Error:
-        pass
-    leaked = sys.getrefcount(view) - before == 1
-    if leaked:
-        ctypes.pythonapi.Py_DecRef(ctypes.py_object(view))
-    return leaked
-
-
-_AIO_LEAKS_BUFFER = _aio_leaks_buffer()
-
-
-def _free(h):
-    """Free a libnbd handle now: NBD.close() exists since libnbd 1.16; with 1.14 (Debian 12) the
-    handle is freed when its last reference goes, which the caller makes sure of."""
-    close = getattr(h, "close", None)
-    if close is not None:
-        close()
-
-
-class Handle:
-    """One libnbd connection to the local qemu-nbd."""
+class Handle(nbd_backend.Handle):
+    """A libnbd connection to the local qemu-nbd: the daemon's NBD handle (pipelined reads and
+    writes, block status), with errors that name the local image."""
 
     def __init__(self, sock, name):
         self.name = name
-        self.h = nbd.NBD()
         try:
-            self.h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-            self.h.connect_unix(sock)
-            self.size = self.h.get_size()
-            self.can_zero = self.h.can_zero()
-            self.has_status = self.h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-        except nbd.Error as e:
-            _free(self.h)
+            super().__init__(nbd_backend.Address(unix=sock))
+        except errors.BackendError as e:
             raise ClientError(f"{name}: cannot connect to qemu-nbd: {e}") from None
 
-    def close(self):
-        h, self.h = self.h, None
-        if h is None:
-            return
-        try:
-            h.shutdown()
-        except nbd.Error:
-            pass
-        _free(h)
-
-    def _error(self, what, e):
-        if e.errnum == errno.ENOSPC:
-            return ClientError(f"{self.name}: {what} failed: no space left on device")
-        return ClientError(f"{self.name}: {what} failed: {e.string or e}")
+    def _error(self, e):
+        cause = e.__cause__
+        if getattr(cause, "errnum", None) == errno.ENOSPC:
+            return ClientError(f"{self.name}: {e}: no space left on device")
+        return ClientError(f"{self.name}: {e}")
 
     def extents(self):
         """Yield (start, length, zero) covering the image, neighbours of equal flags merged."""
-        if not self.has_status:
-            if self.size:
-                yield 0, self.size, False
-            return
-        cur_start, cur_len, cur_zero = 0, 0, None
-        offset = 0
-        while offset < self.size:
-            entries = []
-
-            def extent(context, start, ents, err):
-                if context == nbd.CONTEXT_BASE_ALLOCATION:
-                    entries.extend((ents[i], bool(ents[i + 1] & nbd.STATE_ZERO))
-                                   for i in range(0, len(ents), 2))
-                return 0
-
-            try:
-                self.h.block_status(min(MAX_REQUEST, self.size - offset), offset, extent)
-            except nbd.Error as e:
-                raise self._error("block status", e) from None
-            if not entries:
-                raise ClientError(f"{self.name}: block status made no progress at {offset}")
-            for length, zero in entries:
-                length = min(length, self.size - offset)
-                if length <= 0:
-                    break
-                offset += length
-                if zero == cur_zero:
-                    cur_len += length
-                    continue
-                if cur_len:
-                    yield cur_start, cur_len, cur_zero
-                cur_start, cur_len, cur_zero = cur_start + cur_len, length, zero
-        if cur_len:
-            yield cur_start, cur_len, cur_zero
+        try:
+            for start, length, (zero, _hole) in iterate(self, "zero", 0, self.size):
+                yield start, length, zero
+        except errors.BackendError as e:
+            raise self._error(e) from None
 
     def read(self, buf, offset, length):
-        """Yield memoryviews of buf holding [offset, offset+length) in order, DEPTH reads in flight.
-
-        A view is valid until the next one is asked for.
-        """
-        view = memoryview(buf)
-        piece = len(view) // DEPTH
-        free = collections.deque(view[i * piece:(i + 1) * piece] for i in range(DEPTH))
-        queue = collections.deque()
-        pos, end = offset, offset + length
+        """Yield memoryviews of buf holding [offset, offset+length) in order."""
         try:
-            while pos < end or queue:
-                while pos < end and free:
-                    whole = free.popleft()
-                    slot = whole[:min(piece, end - pos)]
-                    queue.append((self.h.aio_pread(nbd.Buffer.from_buffer(slot), pos), slot,
-                                  whole))
-                    pos += len(slot)
-                # Out of the queue before the wait: a failed command is retired by the wait,
-                # and waiting for it again in _drain would never end.
-                cookie, slot, whole = queue.popleft()
-                self._retire(cookie, slot)
-                yield slot
-                free.append(whole)
-        except nbd.Error as e:
-            raise self._error("read", e) from None
-        finally:
-            self._drain(queue)
+            yield from super().read(buf, offset, length)
+        except errors.BackendError as e:
+            raise self._error(e) from None
 
     def write_from(self, readinto, buf, offset, length, on_written=None):
-        """Write length bytes at offset, taken with readinto(view); DEPTH writes in flight."""
-        from .image import read_fully
-
-        view = memoryview(buf)
-        piece = len(view) // DEPTH
-        free = collections.deque(view[i * piece:(i + 1) * piece] for i in range(DEPTH))
-        queue = collections.deque()
-        pos, end = offset, offset + length
+        """Write length bytes at offset, taken with readinto(view)."""
         try:
-            while pos < end or queue:
-                if pos < end and free:
-                    whole = free.popleft()
-                    slot = whole[:min(piece, end - pos)]
-                    read_fully(readinto, slot)
-                    queue.append((self.h.aio_pwrite(nbd.Buffer.from_buffer(slot), pos), slot,
-                                  whole))
-                    pos += len(slot)
-                    continue
-                cookie, slot, whole = queue.popleft()
-                n = len(slot)
-                self._retire(cookie, slot)
-                free.append(whole)
-                if on_written:
-                    on_written(n)
-        except nbd.Error as e:
-            raise self._error("write", e) from None
-        finally:
-            self._drain(queue)
+            self.write(readinto, buf, offset, length, on_written or (lambda n: None), self.size)
+        except errors.BackendError as e:
+            raise self._error(e) from None
 
     def zero(self, offset, length):
-        end = offset + length
         try:
-            while offset < end:
-                n = min(MAX_REQUEST, end - offset)
-                if self.can_zero:
-                    self.h.zero(n, offset)
-                else:
-                    zeros = bytes(min(n, PIECE))
-                    for pos in range(offset, offset + n, len(zeros)):
-                        self.h.pwrite(zeros[:min(len(zeros), offset + n - pos)], pos)
-                offset += n
-        except nbd.Error as e:
-            raise self._error("zero", e) from None
+            for _ in super().zero(offset, length, True, bytearray(PIECE)):
+                pass
+        except errors.BackendError as e:
+            raise self._error(e) from None
 
     def flush(self):
         try:
-            if self.h.can_flush():
-                self.h.flush()
-        except nbd.Error as e:
-            raise self._error("flush", e) from None
-
-    def _wait(self, cookie):
-        while not self.h.aio_command_completed(cookie):
-            if not self.h.aio_in_flight():
-                return      # retired already: its error was reported
-            self.h.poll(-1)
-
-    def _retire(self, cookie, view):
-        """Wait for an aio command on view; then give back the reference to view that libnbd
-        1.14's bindings take and never drop (each command would leak its memoryview, and
-        through it the worker's buffer)."""
-        try:
-            self._wait(cookie)
-        finally:
-            if _AIO_LEAKS_BUFFER:
-                ctypes.pythonapi.Py_DecRef(ctypes.py_object(view))
-
-    def _drain(self, queue):
-        while queue:
-            cookie, view, _ = queue.popleft()
-            try:
-                self._retire(cookie, view)
-            except nbd.Error:
-                pass
+            super().flush()
+        except errors.BackendError as e:
+            raise self._error(e) from None
