@@ -58,14 +58,18 @@ class NBDServer:
             self.proc.send_signal(sig)
         self.proc.wait(10)
 
-    def stop(self):
-        if self.proc.poll() is None:
+    def stop(self, timeout=10):
+        # qemu-nbd may miss a SIGTERM sent right after it started: repeat it, then SIGKILL.
+        deadline = time.monotonic() + timeout
+        while self.proc.poll() is None and time.monotonic() < deadline:
             self.proc.terminate()
             try:
-                self.proc.wait(10)
+                self.proc.wait(0.2)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
         if self.proc.stderr:
             self.proc.stderr.close()
         if os.path.exists(self.sock):

@@ -35,29 +35,6 @@ def daemon(workdir, cert):
     d.stop()
 
 
-def listening(server, timeout=10):
-    """Wait until the NBD server accepts connections (its socket file appears before listen())."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(server.sock)
-                return server
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.01)
-
-
-def stop_server(server):
-    """Stop an NBD server; qemu-nbd may miss a SIGTERM sent right after it started, so repeat."""
-    while server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(0.2)
-        except subprocess.TimeoutExpired:
-            pass
-    server.stop()
 
 
 class TCPServer:
@@ -150,14 +127,14 @@ def raw_file(tmp_path):
 def test_url_nbd_unix(daemon, tmp_path, raw_file, form):
     sock = str(tmp_path / "u.sock")
     extra = ("-x", "disk1") if form == "exportname" else ()
-    server = listening(qemu_nbd(raw_file, sock, "raw", *extra))
+    server = qemu_nbd(raw_file, sock, "raw", *extra)
     try:
         url = f"nbd:unix:{sock}" + (":exportname=disk1" if form == "exportname" else "")
         add(daemon, url, "u")
         data = roundtrip(daemon, "u")
         delete(daemon, "u")
     finally:
-        stop_server(server)
+        server.stop()
     with open(raw_file, "rb") as f:
         f.seek(MiB + 512)
         assert f.read(len(data)) == data
@@ -165,7 +142,7 @@ def test_url_nbd_unix(daemon, tmp_path, raw_file, form):
 
 def test_url_nbd_unix_wrong_export_name_500(daemon, tmp_path, raw_file):
     sock = str(tmp_path / "x.sock")
-    server = listening(qemu_nbd(raw_file, sock, "raw", "-x", "right"))
+    server = qemu_nbd(raw_file, sock, "raw", "-x", "right")
     try:
         add(daemon, f"nbd:unix:{sock}:exportname=wrong", "x")
         status, body = call(daemon.local(), "GET", "/images/x")
@@ -173,7 +150,7 @@ def test_url_nbd_unix_wrong_export_name_500(daemon, tmp_path, raw_file):
         assert "cannot open NBD export" in daemon.read_log()
         delete(daemon, "x")
     finally:
-        stop_server(server)
+        server.stop()
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
@@ -197,13 +174,13 @@ def test_url_nbd_tcp(daemon, raw_file, host, form):
 
 def test_url_nbd_plus_unix(daemon, tmp_path, raw_file):
     sock = str(tmp_path / "pu.sock")
-    server = listening(qemu_nbd(raw_file, sock, "raw", "-x", "disk3"))
+    server = qemu_nbd(raw_file, sock, "raw", "-x", "disk3")
     try:
         add(daemon, f"nbd+unix:///disk3?socket={sock}", "pu")
         data = roundtrip(daemon, "pu")
         delete(daemon, "pu")
     finally:
-        stop_server(server)
+        server.stop()
     with open(raw_file, "rb") as f:
         f.seek(MiB + 512)
         assert f.read(len(data)) == data
@@ -239,7 +216,7 @@ def test_qemu_nbd_raw_upload_compare(daemon, tmp_path, raw_file):
         f.truncate(SIZE)
         f.seek(2 * MiB)
         f.write(os.urandom(3 * MiB))
-    server = listening(qemu_nbd(raw_file, str(tmp_path / "r.sock"), "raw"))
+    server = qemu_nbd(raw_file, str(tmp_path / "r.sock"), "raw")
     try:
         add(daemon, server.url, "r")
         with open(src, "rb") as f:
@@ -247,7 +224,7 @@ def test_qemu_nbd_raw_upload_compare(daemon, tmp_path, raw_file):
         assert status == 200, body
         delete(daemon, "r")
     finally:
-        stop_server(server)
+        server.stop()
     subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", src, raw_file],
                    check=True)
 
@@ -265,7 +242,7 @@ def test_qemu_nbd_qcow2(daemon, tmp_path, extra):
         f.write(os.urandom(2 * MiB))
         f.seek(5 * MiB)
         f.write(os.urandom(MiB))
-    server = listening(qemu_nbd(path, str(tmp_path / "q.sock"), "qcow2", *extra))
+    server = qemu_nbd(path, str(tmp_path / "q.sock"), "qcow2", *extra)
     try:
         add(daemon, server.url, "q", dirty="-B" in extra)
         with open(src, "rb") as f:
@@ -305,7 +282,7 @@ def test_qemu_nbd_qcow2(daemon, tmp_path, extra):
             assert dirty == [(0, 4 * MiB), (5 * MiB, MiB)], dirty
         delete(daemon, "q")
     finally:
-        stop_server(server)
+        server.stop()
     subprocess.run(["qemu-img", "compare", "-q", "-f", "raw", "-F", "qcow2", src, path],
                    check=True)
 
@@ -313,7 +290,7 @@ def test_qemu_nbd_qcow2(daemon, tmp_path, extra):
 # nbdkit
 
 def test_nbdkit_memory(daemon, tmp_path):
-    server = listening(nbdkit(str(tmp_path / "m.sock"), "memory", f"size={SIZE}"))
+    server = nbdkit(str(tmp_path / "m.sock"), "memory", f"size={SIZE}")
     try:
         add(daemon, server.url, "m")
         data = roundtrip(daemon, "m", connect=daemon.remote)
@@ -324,11 +301,11 @@ def test_nbdkit_memory(daemon, tmp_path):
         assert read_export(server.sock, MiB + 512, len(data)) == bytes(4096) + data[4096:]
         delete(daemon, "m")
     finally:
-        stop_server(server)
+        server.stop()
 
 
 def test_nbdkit_file(daemon, tmp_path, raw_file):
-    server = listening(nbdkit(str(tmp_path / "f.sock"), "file", raw_file))
+    server = nbdkit(str(tmp_path / "f.sock"), "file", raw_file)
     try:
         add(daemon, server.url, "f")
         data = roundtrip(daemon, "f")
@@ -336,7 +313,7 @@ def test_nbdkit_file(daemon, tmp_path, raw_file):
         assert status == 200
         delete(daemon, "f")
     finally:
-        stop_server(server)
+        server.stop()
     with open(raw_file, "rb") as f:
         f.seek(MiB + 512)
         assert f.read(len(data)) == data
@@ -347,7 +324,7 @@ def test_nbdkit_file(daemon, tmp_path, raw_file):
                          ids=["no-structured-replies", "noextents"])
 def test_nbdkit_without_block_status(daemon, tmp_path, argv):
     """No block status: data moves, extents is one data extent, checksum reads everything."""
-    server = listening(nbdkit(str(tmp_path / "n.sock"), *argv))
+    server = nbdkit(str(tmp_path / "n.sock"), *argv)
     try:
         add(daemon, server.url, "n")
         data = roundtrip(daemon, "n")
@@ -360,7 +337,7 @@ def test_nbdkit_without_block_status(daemon, tmp_path, argv):
         assert image[MiB + 512:MiB + 512 + len(data)] == data
         delete(daemon, "n")
     finally:
-        stop_server(server)
+        server.stop()
     from ovirt_imageio._internal import blkhash
     h = blkhash.Hash()
     for i in range(0, SIZE, blkhash.BLOCK_SIZE):
@@ -370,7 +347,7 @@ def test_nbdkit_without_block_status(daemon, tmp_path, argv):
 
 def test_nbdkit_read_only_plugin(daemon, tmp_path):
     """The pattern plugin: read-only, no extents. GET works; a write fails with 500."""
-    server = listening(nbdkit(str(tmp_path / "p.sock"), "pattern", f"size={SIZE}"))
+    server = nbdkit(str(tmp_path / "p.sock"), "pattern", f"size={SIZE}")
     try:
         add(daemon, server.url, "p")
         status, body = call(daemon.local(), "GET", "/images/p",
@@ -383,13 +360,13 @@ def test_nbdkit_read_only_plugin(daemon, tmp_path):
         assert status == 500 and body == SERVER_FAILED
         delete(daemon, "p")
     finally:
-        stop_server(server)
+        server.stop()
 
 
 def test_nbdkit_without_zero(daemon, tmp_path):
     """An export that cannot WRITE_ZEROES: PATCH zero still makes the range read as zeros."""
-    server = listening(nbdkit(str(tmp_path / "z.sock"), "--filter=nozero", "memory",
-                              f"size={SIZE}", "zeromode=none"))
+    server = nbdkit(str(tmp_path / "z.sock"), "--filter=nozero", "memory",
+                              f"size={SIZE}", "zeromode=none")
     try:
         add(daemon, server.url, "z")
         roundtrip(daemon, "z", offset=0, size=3 * MiB)
@@ -401,7 +378,7 @@ def test_nbdkit_without_zero(daemon, tmp_path):
         assert image[:4096] != bytes(4096)
         delete(daemon, "z")
     finally:
-        stop_server(server)
+        server.stop()
 
 
 # Dead or missing NBD servers
@@ -422,11 +399,11 @@ REQUESTS = [
 @pytest.fixture
 def alive(daemon, tmp_path):
     """Another ticket on a working export, to show the daemon keeps serving."""
-    server = listening(nbdkit(str(tmp_path / "alive.sock"), "memory", f"size={SIZE}"))
+    server = nbdkit(str(tmp_path / "alive.sock"), "memory", f"size={SIZE}")
     add(daemon, server.url, "alive")
     yield server
     delete(daemon, "alive")
-    stop_server(server)
+    server.stop()
 
 
 @pytest.mark.parametrize("url", ["nbd:unix:{tmp}/missing.sock", "nbd:127.0.0.1:{port}",
@@ -469,7 +446,7 @@ def test_missing_server_500(daemon, tmp_path, alive, url):
 def test_server_killed_between_requests(daemon, tmp_path, raw_file, alive):
     """The pooled NBD connection dies with its server: 500; after a restart the ticket works."""
     sock = str(tmp_path / "k.sock")
-    server = listening(qemu_nbd(raw_file, sock, "raw"))
+    server = qemu_nbd(raw_file, sock, "raw")
     try:
         add(daemon, server.url, "k")
         roundtrip(daemon, "k")
@@ -482,11 +459,11 @@ def test_server_killed_between_requests(daemon, tmp_path, raw_file, alive):
             assert data == SERVER_FAILED
         roundtrip(daemon, "alive")
         server.stop()
-        server = listening(qemu_nbd(raw_file, sock, "raw"))
+        server = qemu_nbd(raw_file, sock, "raw")
         data = roundtrip(daemon, "k")
         delete(daemon, "k")
     finally:
-        stop_server(server)
+        server.stop()
     with open(raw_file, "rb") as f:
         f.seek(MiB + 512)
         assert f.read(len(data)) == data
@@ -498,7 +475,7 @@ def test_server_killed_during_download(daemon, tmp_path, alive):
     size = 256 * MiB
     with open(big, "wb") as f:
         f.truncate(size)
-    server = listening(qemu_nbd(big, str(tmp_path / "b.sock"), "raw"))
+    server = qemu_nbd(big, str(tmp_path / "b.sock"), "raw")
     try:
         add(daemon, server.url, "b", size=size)
         conn = daemon.local()
@@ -524,7 +501,7 @@ def test_server_killed_during_download(daemon, tmp_path, alive):
         roundtrip(daemon, "alive", connect=daemon.remote)
         delete(daemon, "b")
     finally:
-        stop_server(server)
+        server.stop()
 
 
 def test_server_killed_during_upload(daemon, tmp_path, raw_file, alive):
@@ -533,7 +510,7 @@ def test_server_killed_during_upload(daemon, tmp_path, raw_file, alive):
     size = 256 * MiB
     with open(big, "wb") as f:
         f.truncate(size)
-    server = listening(qemu_nbd(big, str(tmp_path / "up.sock"), "raw"))
+    server = qemu_nbd(big, str(tmp_path / "up.sock"), "raw")
     result = {}
     try:
         add(daemon, server.url, "up", size=size, ops=["write"])
@@ -578,7 +555,7 @@ def test_server_killed_during_upload(daemon, tmp_path, raw_file, alive):
         roundtrip(daemon, "alive")
         delete(daemon, "up")
     finally:
-        stop_server(server)
+        server.stop()
 
 
 # 4d. /info/

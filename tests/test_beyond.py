@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from support import Daemon, qemu_nbd, read_export, request, response
+from support import qemu_nbd, read_export, request, response
 
 MiB = 1024**2
 
@@ -53,8 +53,17 @@ def test_qemu_img_convert_reads_the_https_url(daemon, raw_export, raw_image, tmp
     source = json.dumps({"file.driver": "https", "file.sslverify": False,
                          "file.url": f"https://localhost:{daemon.port}/images/test"})
     out = str(tmp_path / "copy.raw")
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "json:" + source, "-O", "raw", out],
-                   check=True, capture_output=True)
+    # qemu 7.2's curl driver now and then stops asking for more under load (seen here in about
+    # 1 in 12 runs on a loaded machine): every byte we sent was received, both sides' socket
+    # queues empty, our connections idle and waiting for the next request. So a bounded try,
+    # at most three.
+    for attempt in range(3):
+        try:
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "json:" + source, "-O", "raw",
+                            out], check=True, capture_output=True, timeout=30)
+            break
+        except subprocess.TimeoutExpired:
+            assert attempt < 2, "qemu-img convert hung three times"
     subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "raw", raw_image, out], check=True,
                    capture_output=True)
 

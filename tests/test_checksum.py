@@ -7,10 +7,7 @@ or ovirt_imageio.client.checksum() for qcow2 images.
 import hashlib
 import json
 import os
-import signal
-import socket
 import subprocess
-import time
 
 import pytest
 from ovirt_imageio import client as imageio_client
@@ -39,29 +36,6 @@ def connect(request, daemon):
     return daemon.local if request.param == "local" else daemon.remote
 
 
-def listening(server, timeout=10):
-    """Wait until the NBD server accepts connections (its socket file appears before listen())."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(server.sock)
-                return server
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.01)
-
-
-def stop_server(server):
-    """Stop an NBD server; qemu-nbd may miss a SIGTERM sent right after it started, so repeat."""
-    while server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(0.2)
-        except subprocess.TimeoutExpired:
-            pass
-    server.stop()
 
 
 class exported:
@@ -76,7 +50,7 @@ class exported:
         try:
             daemon.add_ticket(server.url, size, ticket_id=ticket_id, **ticket)
         except BaseException:
-            stop_server(server)
+            server.stop()
             raise
 
     def __enter__(self):
@@ -87,7 +61,7 @@ class exported:
             status, _ = request(self.daemon.control(), "DELETE", f"/tickets/{self.ticket_id}")
             assert status == 204
         finally:
-            stop_server(self.server)
+            self.server.stop()
 
 
 def read_size(sock):
@@ -105,8 +79,8 @@ def serve_file(tmp_path, path, fmt="raw", *extra):
     exact size (qemu-nbd rounds a raw file's size up to a multiple of 512)."""
     sock = str(tmp_path / (os.path.basename(path) + ".sock"))
     if fmt == "raw":
-        return listening(nbdkit(sock, "--readonly", "file", path, *extra))
-    return listening(qemu_nbd(path, sock, fmt, "-r", *extra))
+        return nbdkit(sock, "--readonly", "file", path, *extra)
+    return qemu_nbd(path, sock, fmt, "-r", *extra)
 
 
 def get(conn, url):
@@ -244,8 +218,8 @@ def test_zero_extents_are_not_read(daemon, tmp_path, connect):
     """Only the blocks that hold data are read from NBD; zero blocks use the known digest."""
     log = str(tmp_path / "nbdkit.log")
     size = 64 * MiB
-    server = listening(nbdkit(str(tmp_path / "mem.sock"), "--filter=log", "memory",
-                              f"size={size}", f"logfile={log}"))
+    server = nbdkit(str(tmp_path / "mem.sock"), "--filter=log", "memory",
+                              f"size={size}", f"logfile={log}")
     with exported(daemon, server, size=size, ops=["read", "write"]):
         data = os.urandom(65536)
         conn = connect()
@@ -279,7 +253,7 @@ def test_zero_extents_are_not_read(daemon, tmp_path, connect):
     "-1048576", "abc", "", "1e6", "0x100000", "1048576.0",    # not a number
 ])
 def test_bad_block_size_400(daemon, tmp_path, connect, block_size):
-    with exported(daemon, listening(nbdkit(str(tmp_path / "m.sock"), "memory", "size=1M")),
+    with exported(daemon, nbdkit(str(tmp_path / "m.sock"), "memory", "size=1M"),
                   size=MiB):
         status, ctype, body = get(connect(), f"/images/c/checksum?block_size={block_size}")
         assert status == 400, body
@@ -291,7 +265,7 @@ def test_bad_block_size_400(daemon, tmp_path, connect, block_size):
 def test_bad_algorithm_400(daemon, tmp_path, connect, algorithm):
     # shake_* is in hashlib.algorithms_available but has no fixed digest size; ovirt-imageio
     # fails on it with a 500, here it is a 400.
-    with exported(daemon, listening(nbdkit(str(tmp_path / "m.sock"), "memory", "size=1M")),
+    with exported(daemon, nbdkit(str(tmp_path / "m.sock"), "memory", "size=1M"),
                   size=MiB):
         status, ctype, body = get(connect(), f"/images/c/checksum?algorithm={algorithm}")
         assert status == 400, body
@@ -308,7 +282,7 @@ def test_checksum_of_written_data(daemon, tmp_path, connect):
     size = 9 * MiB + 4096
     src = make_raw(tmp_path / "src.raw", size, [(0, MiB), (6 * MiB, 12345)])
     dst = make_raw(tmp_path / "dst.raw", size)
-    server = listening(nbdkit(str(tmp_path / "dst.sock"), "file", dst))
+    server = nbdkit(str(tmp_path / "dst.sock"), "file", dst)
     with exported(daemon, server, size=size, ops=["read", "write"]):
         with open(src, "rb") as f:
             data = f.read()

@@ -6,10 +6,7 @@ asked directly of the export; zero extents are also checked by reading their byt
 
 import json
 import os
-import signal
-import socket
 import subprocess
-import time
 
 import nbd
 import pytest
@@ -38,29 +35,6 @@ def connect(request, daemon):
     return daemon.local if request.param == "local" else daemon.remote
 
 
-def listening(server, timeout=10):
-    """Wait until the NBD server accepts connections (its socket file appears before listen())."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(server.sock)
-                return server
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.01)
-
-
-def stop_server(server):
-    """Stop an NBD server; qemu-nbd may miss a SIGTERM sent right after it started, so repeat."""
-    while server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(0.2)
-        except subprocess.TimeoutExpired:
-            pass
-    server.stop()
 
 
 class exported:
@@ -84,11 +58,11 @@ class exported:
             status, _ = request(self.daemon.control(), "DELETE", f"/tickets/{self.ticket_id}")
             assert status == 204
         finally:
-            stop_server(self.server)
+            self.server.stop()
 
 
 def serve(tmp_path, image, fmt, *extra):
-    return listening(qemu_nbd(image, str(tmp_path / f"{fmt}.sock"), fmt, *extra))
+    return qemu_nbd(image, str(tmp_path / f"{fmt}.sock"), fmt, *extra)
 
 
 def qemu_io(path, fmt, *commands):
@@ -314,7 +288,7 @@ def test_dirty_404_when_export_has_no_bitmap(daemon, tmp_path, qcow2_file, conne
 
 @pytest.fixture
 def memory(tmp_path, daemon):
-    server = listening(nbdkit(str(tmp_path / "mem.sock"), "memory", "size=8M"))
+    server = nbdkit(str(tmp_path / "mem.sock"), "memory", "size=8M")
     with exported(daemon, server, "mem", ops=["read", "write"]):
         yield server
 
@@ -339,7 +313,7 @@ def test_extents_unknown_ticket_403(connect):
     ("pattern", "size=8M"),                             # a plugin with no extents callback
 ], ids=["noextents", "no-sr", "pattern"])
 def test_export_without_block_status_one_data_extent(daemon, tmp_path, connect, argv):
-    with exported(daemon, listening(nbdkit(str(tmp_path / "n.sock"), *argv)), "nbs"):
+    with exported(daemon, nbdkit(str(tmp_path / "n.sock"), *argv), "nbs"):
         assert extents_of(connect(), "nbs") == [
             {"start": 0, "length": SIZE, "zero": False, "hole": False}]
 
@@ -392,8 +366,8 @@ def libnbd_zero_map(sock, size):
 def test_many_extents_cover_and_merge(daemon, tmp_path, connect):
     """A map of tens of thousands of extents (streamed) covers the export and merges runs."""
     size = 160 * MiB
-    server = listening(nbdkit(str(tmp_path / "sr.sock"), "sparse-random", f"size={size}",
-                              "seed=7", "percent=20", "runlength=4"))
+    server = nbdkit(str(tmp_path / "sr.sock"), "sparse-random", f"size={size}",
+                              "seed=7", "percent=20", "runlength=4")
     with exported(daemon, server, "sr", size):
         conn = connect()
         conn.request("GET", "/images/sr/extents")
@@ -414,7 +388,7 @@ def test_many_extents_cover_and_merge(daemon, tmp_path, connect):
 
 def test_size_not_multiple_of_4096(daemon, tmp_path, connect):
     size = 5 * MiB + 1234
-    server = listening(nbdkit(str(tmp_path / "odd.sock"), "memory", f"size={size}"))
+    server = nbdkit(str(tmp_path / "odd.sock"), "memory", f"size={size}")
     with exported(daemon, server, "odd", size, ops=["read", "write"]):
         conn = connect()
         conn.request("PUT", "/images/odd", body=b"\x01" * 1234,

@@ -6,7 +6,6 @@ and real qemu-nbd / nbdkit processes; data written is read back through NBD afte
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import time
@@ -35,7 +34,7 @@ def export(workdir):
     path = str(workdir / "disk.raw")
     with open(path, "wb") as f:
         f.write(os.urandom(SIZE))
-    server = listening(qemu_nbd(path, str(workdir / "nbd.sock")))
+    server = qemu_nbd(path, str(workdir / "nbd.sock"))
     yield server
     server.stop()
 
@@ -83,29 +82,6 @@ def patch(conn, url, msg):
     return call(conn, "PATCH", url, body)
 
 
-def listening(server, timeout=10):
-    """Wait until the NBD server accepts connections (its socket file appears before listen())."""
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(server.sock)
-                return server
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.01)
-
-
-def stop_server(server):
-    """Stop an NBD server; qemu-nbd may miss a SIGTERM sent right after it started, so repeat."""
-    while server.proc.poll() is None:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(0.2)
-        except subprocess.TimeoutExpired:
-            pass
-    server.stop()
 
 
 def qemu_map(path):
@@ -320,8 +296,8 @@ def test_get_unknown_ticket_403(connect):
 def test_get_pieces_at_most_buffer_size(tmp_path, cert):
     """Reads reach NBD in pieces no larger than the buffer size (here 1 MiB)."""
     log = str(tmp_path / "nbdkit.log")
-    server = listening(nbdkit(str(tmp_path / "nbd.sock"), "--filter=log", "pattern", "size=12M",
-                              f"logfile={log}"))
+    server = nbdkit(str(tmp_path / "nbd.sock"), "--filter=log", "pattern", "size=12M",
+                              f"logfile={log}")
     d = Daemon(str(tmp_path / "d"), *cert, args=["--buffer-size", str(MiB)])
     try:
         d.add_ticket(server.url, 12 * MiB, ops=["read"])
@@ -333,7 +309,7 @@ def test_get_pieces_at_most_buffer_size(tmp_path, cert):
         assert body == read_export(server.sock)
     finally:
         d.stop()
-        stop_server(server)
+        server.stop()
     assert counts and max(counts) <= MiB
     assert sum(counts) == 12 * MiB
 
@@ -431,13 +407,13 @@ def flush_count(log):
 def logged(tmp_path, daemon):
     """An nbdkit memory export logging each NBD command, and a writable ticket "logged"."""
     log = str(tmp_path / "nbdkit.log")
-    server = listening(nbdkit(str(tmp_path / "log.sock"), "--filter=log", "memory",
-                              "size=400M", f"logfile={log}"))
+    server = nbdkit(str(tmp_path / "log.sock"), "--filter=log", "memory",
+                              "size=400M", f"logfile={log}")
     daemon.add_ticket(server.url, 400 * MiB, ticket_id="logged")
     server.log = log
     yield server
     request(daemon.control(), "DELETE", "/tickets/logged")
-    stop_server(server)
+    server.stop()
 
 
 @pytest.mark.parametrize("query,flushes", [("", 1), ("?flush=y", 1), ("?flush=n", 0)])
@@ -554,10 +530,10 @@ def sparse_export(tmp_path):
     path = str(tmp_path / "alloc.raw")
     with open(path, "wb") as f:
         f.write(os.urandom(SIZE))
-    server = listening(qemu_nbd(path, str(tmp_path / "alloc.sock"), "raw", "--discard=unmap"))
+    server = qemu_nbd(path, str(tmp_path / "alloc.sock"), "raw", "--discard=unmap")
     server.path = path
     yield server
-    stop_server(server)
+    server.stop()
 
 
 def allocated(path):

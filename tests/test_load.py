@@ -4,7 +4,6 @@ tickets are all served correctly with the daemon's memory bounded."""
 
 import hashlib
 import json
-import os
 import select
 import socket
 import ssl

@@ -1,7 +1,6 @@
 """`nbdproxy ticket add|show|list|extend|delete` against a real daemon's control socket."""
 
 import json
-import os
 import subprocess
 import time
 import uuid

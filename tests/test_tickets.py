@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given, strategies as st
 
 from nbdproxy import errors, tickets
-from nbdproxy.client.connections import UnixHTTPConnection
 
 from support import Daemon, NBDServer, read_export, request, response
 
