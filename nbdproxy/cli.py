@@ -52,6 +52,9 @@ def build_parser():
                        help="NBD connections per ticket (default 8)")
     serve.add_argument("--nbd-request-size", type=int, metavar="BYTES",
                        help="largest NBD read or write command (default 512 KiB)")
+    serve.add_argument("--nbd-timeout", type=int, metavar="SECONDS",
+                       help="fail a request whose NBD command gets no answer in this time "
+                            "(default 300; 0: wait forever)")
     serve.add_argument("--remove-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--stop-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--initial-timeout", type=int, metavar="SECONDS",

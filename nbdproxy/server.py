@@ -359,6 +359,7 @@ class Server:
         pool = nbd_backend.Pool.for_ticket(fields)
         pool.limit = self.config.nbd_connections
         pool.request_size = self.config.nbd_request_size
+        pool.timeout = self.config.nbd_timeout or None
         pool.metrics = self.metrics
         return pool
 

@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 
-from support import Daemon, qemu_nbd, read_export, request
+from support import Daemon, nbdkit, qemu_nbd, read_export, request
 
 MiB = 1024**2
 
@@ -727,3 +727,36 @@ def test_sigterm_with_transfers_running(tmp_path, cert, one_export):
         assert "Traceback" not in log
     finally:
         d.stop()
+
+
+def test_hung_nbd_server_fails_the_request_at_nbd_timeout(tmp_path, cert):
+    """A server that stops answering (not dead: its socket stays open) costs a request its
+    --nbd-timeout, then a 500 and a log line; nothing hangs, other tickets go on."""
+    d = Daemon(str(tmp_path / "d"), *cert, args=["--nbd-timeout", "2"])
+    slow = nbdkit(str(tmp_path / "slow.sock"), "--filter=delay", "memory", "size=16M",
+                  "delay-write=60", "delay-read=60")
+    good = nbdkit(str(tmp_path / "good.sock"), "memory", "size=16M")
+    try:
+        d.add_ticket(slow.url, 16 * MiB, ticket_id="slow")
+        d.add_ticket(good.url, 16 * MiB, ticket_id="good")
+        started = time.monotonic()
+        status, body = request(d.local(), "PUT", "/images/slow", os.urandom(MiB))
+        assert status == 500
+        assert 1.5 < time.monotonic() - started < 20
+        assert "did not answer in 2 s" in d.read_log()
+        # A GET whose head went out is cut short: the connection closes early.
+        conn = d.local()
+        conn.request("GET", "/images/slow", headers={"Range": "bytes=0-1048575"})
+        resp = conn.getresponse()
+        with pytest.raises(http.client.IncompleteRead):
+            resp.read()
+        payload = os.urandom(MiB)
+        assert request(d.local(), "PUT", "/images/good", payload)[0] == 200
+        assert read_export(good.sock, 0, MiB) == payload
+        info = d.ticket_info("slow")
+        assert not info["active"]
+        assert request(d.control(), "DELETE", "/tickets/slow")[0] == 204
+    finally:
+        assert d.stop() == 0
+        slow.kill()
+        good.stop()

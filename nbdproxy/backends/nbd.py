@@ -87,9 +87,12 @@ def parse_url(url):
 class Handle:
     """One libnbd connection to the export, with the contexts this ticket needs."""
 
-    def __init__(self, address, dirty=False, metrics=None, request_size=REQUEST_SIZE):
+    def __init__(self, address, dirty=False, metrics=None, request_size=REQUEST_SIZE,
+                 timeout=None):
         self.metrics = metrics
         self.request_size = request_size
+        self.timeout = timeout
+        self.broken = False
         self.dirty_context = None
         self._parts = {}    # cookie -> the memoryview an aio command reads into or writes from
         h = nbd.NBD()
@@ -127,10 +130,12 @@ class Handle:
         return names[0] if names else None
 
     def close(self):
-        try:
-            self.h.shutdown()
-        except nbd.Error:
-            pass
+        # shutdown() waits for the server to close: not for one that stopped answering.
+        if not self.broken:
+            try:
+                self.h.shutdown()
+            except nbd.Error:
+                pass
         _close(self.h)
         # Commands never retired (the server died under them): let their buffers go.
         for part in list(self._parts.values()):
@@ -373,7 +378,7 @@ class Handle:
         if not self.can_flush:
             return
         try:
-            self.h.flush()
+            self._wait(self.h.aio_flush())
         except nbd.Error as e:
             raise errors.BackendError(f"NBD flush failed: {e}") from e
 
@@ -390,7 +395,8 @@ class Handle:
                     return 0
 
                 if ALLOCATION in self.contexts:
-                    self.h.block_status(min(end - offset, MAX_STATUS), offset, extent)
+                    self._wait(self.h.aio_block_status(min(end - offset, MAX_STATUS), offset,
+                                                      extent))
                 else:
                     replies = {}
                 moved = 0
@@ -424,6 +430,7 @@ class Handle:
                 ctypes.pythonapi.Py_DecRef(ctypes.py_object(part))
 
     def _wait(self, cookie, submitted=None):
+        deadline = None
         while True:
             try:
                 done = self.h.aio_command_completed(cookie)
@@ -436,14 +443,25 @@ class Handle:
                 # Retired already (a failed command whose error was raised, waited again by
                 # _drain): libnbd answers False for it forever and poll(-1) would never return.
                 return
-            self.h.poll(-1)
+            if self.timeout is None:
+                self.h.poll(-1)
+                continue
+            if deadline is None:
+                deadline = time.monotonic() + self.timeout
+            left = deadline - time.monotonic()
+            if left <= 0:
+                # A server that stopped answering: this handle is given up, never polled again,
+                # so libnbd will not touch the buffers of its commands.
+                self.broken = True
+                raise errors.BackendError(f"NBD server did not answer in {self.timeout} s")
+            self.h.poll(max(1, int(min(left, 1.0) * 1000)))
         self._give_back(cookie)
         if submitted is not None and self.metrics is not None:
             self.metrics.nbd_latency(time.monotonic() - submitted)
 
     def _drain(self, inflight):
         """Wait for commands still in flight, so their buffers can be reused or freed."""
-        while inflight:
+        while inflight and not self.broken:
             for cookie, _ in inflight.popleft()[0]:
                 try:
                     self._wait(cookie)
@@ -561,6 +579,7 @@ class Pool:
         self._closed = False
         self.metrics = None
         self.request_size = REQUEST_SIZE
+        self.timeout = None
 
     @classmethod
     def for_ticket(cls, fields):
@@ -609,7 +628,7 @@ class Pool:
             placeholder = object()
             self._all.add(placeholder)
         try:
-            h = Handle(self.address, self.dirty, self.metrics, self.request_size)
+            h = Handle(self.address, self.dirty, self.metrics, self.request_size, self.timeout)
         finally:
             with self._cond:
                 self._all.discard(placeholder)
