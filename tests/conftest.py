@@ -24,6 +24,26 @@ def daemon(tmp_path, cert):
     d.stop()
 
 
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, request):
+    return tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+
+
+@pytest.fixture(scope="module")
+def module_daemon(workdir, cert):
+    """One daemon for a whole module whose tests each use tickets of their own; a module takes
+    it with `daemon = module_daemon` style override (see test_checksum.py)."""
+    d = Daemon(str(workdir / "daemon"), *cert)
+    yield d
+    d.stop()
+
+
+@pytest.fixture(params=["local", "remote"])
+def connect(request, daemon):
+    """A function making a new connection to the local (unix) or the remote (TLS) service."""
+    return daemon.local if request.param == "local" else daemon.remote
+
+
 @pytest.fixture
 def raw_image(tmp_path):
     """A 64 MiB sparse raw image with data at the start, middle and end."""

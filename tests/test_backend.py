@@ -16,7 +16,7 @@ import time
 import pytest
 
 from nbdproxy import __version__
-from support import Daemon, nbdkit, qemu_nbd, read_export, request
+from support import nbdkit, qemu_nbd, read_export, request
 
 MiB = 1024**2
 SIZE = 8 * MiB
@@ -24,15 +24,8 @@ SERVER_FAILED = b"Server failed to perform the request, check logs\n"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("backend")
-
-
-@pytest.fixture(scope="module")
-def daemon(workdir, cert):
-    d = Daemon(str(workdir / "daemon"), *cert)
-    yield d
-    d.stop()
+def daemon(module_daemon):
+    return module_daemon
 
 
 

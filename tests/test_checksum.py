@@ -13,27 +13,14 @@ import pytest
 from ovirt_imageio import client as imageio_client
 from ovirt_imageio._internal import blkhash
 
-from support import Daemon, nbdkit, qemu_nbd, request
+from support import nbdkit, qemu_nbd, request
 
-SERVICES = ["local", "remote"]
 MiB = 1024**2
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("checksum")
-
-
-@pytest.fixture(scope="module")
-def daemon(workdir, cert):
-    d = Daemon(str(workdir / "daemon"), *cert)
-    yield d
-    d.stop()
-
-
-@pytest.fixture(params=SERVICES)
-def connect(request, daemon):
-    return daemon.local if request.param == "local" else daemon.remote
+def daemon(module_daemon):
+    return module_daemon
 
 
 

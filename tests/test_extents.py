@@ -11,28 +11,15 @@ import subprocess
 import nbd
 import pytest
 
-from support import Daemon, nbdkit, qemu_nbd, read_export, request
+from support import nbdkit, qemu_nbd, read_export, request
 
-SERVICES = ["local", "remote"]
 MiB = 1024**2
 SIZE = 8 * MiB
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("extents")
-
-
-@pytest.fixture(scope="module")
-def daemon(workdir, cert):
-    d = Daemon(str(workdir / "daemon"), *cert)
-    yield d
-    d.stop()
-
-
-@pytest.fixture(params=SERVICES)
-def connect(request, daemon):
-    return daemon.local if request.param == "local" else daemon.remote
+def daemon(module_daemon):
+    return module_daemon
 
 
 

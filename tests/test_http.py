@@ -14,7 +14,7 @@ import time
 import pytest
 
 from nbdproxy import __version__
-from support import Daemon, qemu_nbd, read_export
+from support import qemu_nbd, read_export
 
 SERVICES = ["local", "remote"]
 SERVER_FAILED = b"Server failed to perform the request, check logs\n"
@@ -29,37 +29,19 @@ def service(request):
 # One daemon and one export for the whole module keep it fast; each test adds its tickets anew.
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("http")
-
-
-@pytest.fixture(scope="module")
 def raw_export(workdir):
     path = str(workdir / "disk.raw")
     with open(path, "wb") as f:
         f.truncate(SIZE)
         f.write(os.urandom(1024**2))
     server = qemu_nbd(path, str(workdir / "nbd.sock"))
-    # The socket file appears before qemu-nbd listens; wait until it accepts.
-    deadline = time.monotonic() + 10
-    while True:
-        with socket.socket(socket.AF_UNIX) as s:
-            try:
-                s.connect(server.sock)
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-        time.sleep(0.01)
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def daemon(workdir, cert):
-    d = Daemon(str(workdir / "daemon"), *cert)
-    yield d
-    d.stop()
+def daemon(module_daemon):
+    return module_daemon
 
 
 @pytest.fixture

@@ -25,11 +25,6 @@ ALL_FEATURES = ["checksum", "extents", "flush", "zero"]
 # One daemon and one export (8 MiB of random data) for the module; tickets are added per test.
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    return tmp_path_factory.mktemp("images")
-
-
-@pytest.fixture(scope="module")
 def export(workdir):
     path = str(workdir / "disk.raw")
     with open(path, "wb") as f:
@@ -40,10 +35,8 @@ def export(workdir):
 
 
 @pytest.fixture(scope="module")
-def daemon(workdir, cert):
-    d = Daemon(str(workdir / "daemon"), *cert)
-    yield d
-    d.stop()
+def daemon(module_daemon):
+    return module_daemon
 
 
 @pytest.fixture(params=SERVICES)
