@@ -228,3 +228,39 @@ def raw_exchange(address, data, timeout=5):
         except socket.timeout:
             pass
         return out
+
+
+def export_size(sock):
+    h = nbd.NBD()
+    h.connect_unix(sock)
+    try:
+        return h.get_size()
+    finally:
+        h.shutdown()
+
+
+class exported:
+    """A ticket (read-only unless ops say otherwise) for an NBD server, for the time of a with
+    block; then the ticket is deleted (closing the daemon's NBD connections) and the server
+    stopped. The size defaults to the export's."""
+
+    def __init__(self, daemon, server, ticket_id="test", size=None, **ticket):
+        self.daemon, self.server, self.ticket_id = daemon, server, ticket_id
+        ticket.setdefault("ops", ["read"])
+        try:
+            if size is None:
+                size = export_size(server.sock)
+            daemon.add_ticket(server.url, size, ticket_id=ticket_id, **ticket)
+        except BaseException:
+            server.stop()
+            raise
+
+    def __enter__(self):
+        return self.server
+
+    def __exit__(self, *exc):
+        try:
+            status, _ = request(self.daemon.control(), "DELETE", f"/tickets/{self.ticket_id}")
+            assert status == 204
+        finally:
+            self.server.stop()

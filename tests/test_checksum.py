@@ -13,7 +13,8 @@ import pytest
 from ovirt_imageio import client as imageio_client
 from ovirt_imageio._internal import blkhash
 
-from support import nbdkit, qemu_nbd, request
+import support
+from support import nbdkit, qemu_nbd
 
 MiB = 1024**2
 
@@ -25,40 +26,8 @@ def daemon(module_daemon):
 
 
 
-class exported:
-    """A read-only ticket for an NBD server for the time of a with block; then the ticket is
-    deleted (closing the daemon's NBD connections) and the server stopped."""
-
-    def __init__(self, daemon, server, ticket_id="c", size=None, **ticket):
-        self.daemon, self.server, self.ticket_id = daemon, server, ticket_id
-        ticket.setdefault("ops", ["read"])
-        if size is None:
-            size = read_size(server.sock)
-        try:
-            daemon.add_ticket(server.url, size, ticket_id=ticket_id, **ticket)
-        except BaseException:
-            server.stop()
-            raise
-
-    def __enter__(self):
-        return self.server
-
-    def __exit__(self, *exc):
-        try:
-            status, _ = request(self.daemon.control(), "DELETE", f"/tickets/{self.ticket_id}")
-            assert status == 204
-        finally:
-            self.server.stop()
-
-
-def read_size(sock):
-    import nbd
-    h = nbd.NBD()
-    h.connect_unix(sock)
-    try:
-        return h.get_size()
-    finally:
-        h.shutdown()
+def exported(daemon, server, ticket_id="c", size=None, **ticket):
+    return support.exported(daemon, server, ticket_id, size, **ticket)
 
 
 def serve_file(tmp_path, path, fmt="raw", *extra):

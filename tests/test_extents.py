@@ -11,7 +11,8 @@ import subprocess
 import nbd
 import pytest
 
-from support import nbdkit, qemu_nbd, read_export, request
+import support
+from support import nbdkit, qemu_nbd, read_export
 
 MiB = 1024**2
 SIZE = 8 * MiB
@@ -24,28 +25,8 @@ def daemon(module_daemon):
 
 
 
-class exported:
-    """A ticket for an NBD server, for the time of a with block; then the ticket is deleted
-    (closing the daemon's NBD connections) and the server stopped."""
-
-    def __init__(self, daemon, server, ticket_id, size=SIZE, **ticket):
-        self.daemon, self.server, self.ticket_id = daemon, server, ticket_id
-        ticket.setdefault("ops", ["read"])
-        try:
-            daemon.add_ticket(server.url, size, ticket_id=ticket_id, **ticket)
-        except BaseException:
-            server.stop()
-            raise
-
-    def __enter__(self):
-        return self.server
-
-    def __exit__(self, *exc):
-        try:
-            status, _ = request(self.daemon.control(), "DELETE", f"/tickets/{self.ticket_id}")
-            assert status == 204
-        finally:
-            self.server.stop()
+def exported(daemon, server, ticket_id, size=SIZE, **ticket):
+    return support.exported(daemon, server, ticket_id, size, **ticket)
 
 
 def serve(tmp_path, image, fmt, *extra):
