@@ -27,6 +27,8 @@ BITMAP_PREFIX = "qemu:dirty-bitmap:"
 
 # WRITE_ZEROES pieces (API.md 4) and the block status window asked per command.
 MAX_ZERO = 128 * 1024**2
+# How long one libnbd poll waits before the waiter looks at the deadline and what is in flight.
+POLL_MS = 1000
 # Zeroing 1 TiB with qemu-nbd in 128 MiB commands: 0.49 s one at a time, 0.18 s with 8 in flight.
 ZERO_DEPTH = 8
 MAX_STATUS = 2**32 - 2**20
@@ -117,6 +119,9 @@ class Handle:
             _close(h)
             raise errors.BackendError(f"cannot open NBD export: {e}") from e
         self.h = h
+        # Idle handles are checked with one poll(2) on this fd (see alive()).
+        self._idle_poller = select.poll()
+        self._idle_poller.register(h.aio_get_fd(), select.POLLIN | select.POLLPRI)
 
     @staticmethod
     def _find_bitmap(h):
@@ -145,13 +150,10 @@ class Handle:
     def alive(self):
         """False when the server has gone (killed, restarted): nothing is due on an idle NBD
         connection, so a readable socket means end of file or an error."""
+        # A handle that saw an error is closed, never given back idle, so its fd is still its own.
         try:
-            if self.h.aio_is_dead() or self.h.aio_is_closed():
-                return False
-            poller = select.poll()
-            poller.register(self.h.aio_get_fd(), select.POLLIN | select.POLLPRI)
-            return not poller.poll(0)
-        except (nbd.Error, OSError, ValueError):
+            return not self._idle_poller.poll(0)
+        except (OSError, ValueError):
             return False
 
     # Data. A request larger than one piece is moved by two threads: the connection's thread does
@@ -439,12 +441,15 @@ class Handle:
                 raise
             if done:
                 break
+            # Every libnbd call releases and takes the GIL again: one poll per turn, with a
+            # timeout, and the other checks only when it ran out.
+            if self.h.poll(POLL_MS):
+                continue
             if not self.h.aio_in_flight():
                 # Retired already (a failed command whose error was raised, waited again by
-                # _drain): libnbd answers False for it forever and poll(-1) would never return.
+                # _drain): libnbd answers False for it forever.
                 return
             if self.timeout is None:
-                self.h.poll(-1)
                 continue
             if deadline is None:
                 deadline = time.monotonic() + self.timeout
@@ -454,7 +459,6 @@ class Handle:
                 # so libnbd will not touch the buffers of its commands.
                 self.broken = True
                 raise errors.BackendError(f"NBD server did not answer in {self.timeout} s")
-            self.h.poll(max(1, int(min(left, 1.0) * 1000)))
         self._give_back(cookie)
         if submitted is not None and self.metrics is not None:
             self.metrics.nbd_latency(time.monotonic() - submitted)
@@ -462,6 +466,8 @@ class Handle:
     def _drain(self, inflight):
         """Wait for commands still in flight, so their buffers can be reused or freed."""
         while inflight and not self.broken:
+            if not self.h.aio_in_flight():
+                return
             for cookie, _ in inflight.popleft()[0]:
                 try:
                     self._wait(cookie)
