@@ -135,11 +135,8 @@ class Body:
 class Connection:
     """One client connection: its idle timeout, the tickets it used, its reusable buffer, totals."""
 
-    _next_id = 0
-
     def __init__(self, sock, service, address):
-        Connection._next_id += 1
-        self.id = Connection._next_id
+        self.id = next(service.connection_ids)
         self.sock = sock
         self.service = service
         self.address = address

@@ -3,6 +3,7 @@
 import email.utils
 import errno
 import grp
+import itertools
 import logging
 import os
 import selectors
@@ -203,6 +204,7 @@ class Service:
         self.limiter = limiter
         self.stopping = False
         self.connections = set()
+        self.connection_ids = itertools.count(1)
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = os.pipe()
         self._refusing = threading.BoundedSemaphore(MAX_REFUSING)
