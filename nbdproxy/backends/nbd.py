@@ -218,10 +218,7 @@ class Handle:
                     n = min(len(slot), end - pos)
                     inflight.append((self._submit_read(slot[:n], pos), slot, n))
                     pos += n
-                for cookie, submitted in inflight[0][0]:
-                    self._wait(cookie, submitted)
-                _, slot, n = inflight.popleft()
-                ready.put((slot, n))
+                ready.put(self._retire_oldest(inflight))
         except BaseException as e:
             ready.put(e)
         finally:
@@ -290,6 +287,13 @@ class Handle:
         except nbd.Error as e:
             raise _backend_error("write", e) from e
 
+    def _retire_oldest(self, inflight):
+        """Wait for the commands of the oldest piece in flight; (its slot, its length)."""
+        for cookie, submitted in inflight[0][0]:
+            self._wait(cookie, submitted)
+        _, slot, n = inflight.popleft()
+        return slot, n
+
     def _submit_read(self, view, offset):
         """Queue reads of view's bytes from offset; [(cookie, time submitted)]."""
         cookies = []
@@ -326,10 +330,7 @@ class Handle:
                     inflight.append((self._submit_write(slot[:n], pos, zero, zero_flags), slot, n))
                     if len(inflight) < DEPTH_IN_FLIGHT:
                         continue
-                for cookie, submitted in inflight[0][0]:
-                    self._wait(cookie, submitted)
-                _, slot, n = inflight.popleft()
-                free.put((slot, n))
+                free.put(self._retire_oldest(inflight))
         except BaseException as e:
             free.put(e)
             # Wait for the stop sign so the caller never blocks on a queue nobody serves.
