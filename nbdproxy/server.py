@@ -260,12 +260,13 @@ class Service:
         slot = self.limiter.track(sock) if self.limiter is not None else None
         conn = None
         try:
-            sock.settimeout(self.initial_timeout)
             if sock.family != socket.AF_UNIX:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tls is not None:
+                sock.settimeout(self.initial_timeout)   # of the handshake
                 sock = self.tls.wrap_socket(sock, server_side=True)
-            conn = http.Connection(sock, self, address)
+            http.set_timeout(sock, self.initial_timeout)
+            conn = http.Connection(sock, self, address, self.initial_timeout)
             if slot is not None:
                 slot.conn = conn
             with self._lock:

@@ -99,6 +99,9 @@ class Handle:
         self._parts = {}    # cookie -> the memoryview an aio command reads into or writes from
         h = nbd.NBD()
         try:
+            # A failed read's buffer is never sent (the request fails or its connection closes),
+            # so libnbd's zeroing of every read buffer would be a memset per byte for nothing.
+            h.set_pread_initialize(False)
             h.set_opt_mode(True)
             address.connect(h)
             if dirty:
