@@ -10,10 +10,12 @@ import os
 import subprocess
 
 import pytest
+from hypothesis import given, settings, strategies as st
 from ovirt_imageio import client as imageio_client
 from ovirt_imageio._internal import blkhash
 
 import support
+from nbdproxy import blkhash as our_blkhash
 from support import nbdkit, qemu_nbd
 
 MiB = 1024**2
@@ -171,7 +173,8 @@ def test_qcow2_with_allocation_depth(daemon, tmp_path, connect):
 
 
 def test_zero_extents_are_not_read(daemon, tmp_path, connect):
-    """Only the blocks that hold data are read from NBD; zero blocks use the known digest."""
+    """Only data extents are read from NBD: zero blocks use the known digest, and the zero
+    parts of the block that holds the data are hashed from zeros in memory."""
     log = str(tmp_path / "nbdkit.log")
     size = 64 * MiB
     server = nbdkit(str(tmp_path / "mem.sock"), "--filter=log", "memory",
@@ -197,9 +200,9 @@ def test_zero_extents_are_not_read(daemon, tmp_path, connect):
     read_bytes = sum(int(line.split("count=")[1].split()[0], 16) for line in reads)
     ranges = [(int(line.split("offset=")[1].split()[0], 16),
                int(line.split("count=")[1].split()[0], 16)) for line in reads]
-    # Only the 4 MiB block holding the data, [8 MiB, 12 MiB), was read.
-    assert read_bytes == 4 * MiB, ranges
-    assert all(8 * MiB <= o and o + n <= 12 * MiB for o, n in ranges), ranges
+    # Only the 64 KiB of data were read, not the rest of their 4 MiB block.
+    assert read_bytes == 65536, ranges
+    assert all(9 * MiB <= o and o + n <= 9 * MiB + 65536 for o, n in ranges), ranges
 
 
 @pytest.mark.parametrize("block_size", [
@@ -248,3 +251,52 @@ def test_checksum_of_written_data(daemon, tmp_path, connect):
         conn.close()
         assert checksum_of(connect()) == expected(src)
     assert expected(dst) == expected(src)
+
+
+# blkhash.compute itself, against ovirt-imageio's Hash, on images made of data and zero runs
+
+@st.composite
+def images(draw):
+    """(image bytes, zero extents it declares, block size): some zero runs declared, some not."""
+    block_size = draw(st.sampled_from([4096, 8192, 12288]))
+    image, zero = bytearray(), []
+    for _ in range(draw(st.integers(0, 8))):
+        n = draw(st.integers(1, 20000))
+        if draw(st.booleans()):
+            if draw(st.booleans()):
+                zero.append((len(image), n))
+            image += bytes(n)
+        else:
+            image += draw(st.binary(min_size=1, max_size=64)) * (n // 64 + 1)
+    return bytes(image), zero, block_size
+
+
+def pieces(image, cut):
+    """A read(buf, offset, length) that yields the range in pieces of at most cut bytes."""
+    def read(buf, offset, length):
+        for start in range(offset, offset + length, cut):
+            yield memoryview(image)[start:min(start + cut, offset + length)]
+    return read
+
+
+@settings(max_examples=300, deadline=None)
+@given(images(), st.integers(1, 9000), st.sampled_from([1, 2, 3]))
+def test_compute_matches_imageio(example, cut, threads):
+    image, zero, block_size = example
+    want = blkhash.Hash(block_size=block_size)
+    for i in range(0, len(image), block_size):
+        want.update(image[i:i + block_size])
+    got = our_blkhash.compute(len(image), pieces(image, cut), zero, block_size=block_size,
+                              threads=threads)
+    assert got == want.hexdigest()
+
+
+def test_compute_stops_when_checked():
+    """A canceled request (check() raises) stops the hash; the hashing threads end with it."""
+    image = os.urandom(1024**2)
+
+    def check():
+        raise RuntimeError("canceled")
+
+    with pytest.raises(RuntimeError, match="canceled"):
+        our_blkhash.compute(len(image), pieces(image, 65536), [], block_size=65536, check=check)
