@@ -36,32 +36,52 @@ def data_ranges(size, zero_extents):
         yield pos, size - pos
 
 
-def compute(size, read, zero_extents, algorithm=ALGORITHM, block_size=BLOCK_SIZE, buf=None,
+def data_spans(size, zero_extents, block_size):
+    """(block index, start, end) for each block with data: its first to its last data byte."""
+    span = None
+    for start, length in data_ranges(size, zero_extents):
+        end = start + length
+        while start < end:
+            index = start // block_size
+            stop = min(end, (index + 1) * block_size)
+            if span is not None and span[0] == index:
+                span[2] = stop
+            else:
+                if span is not None:
+                    yield tuple(span)
+                span = [index, start, stop]
+            start = stop
+    if span is not None:
+        yield tuple(span)
+
+
+def compute(size, readinto, zero_extents, algorithm=ALGORITHM, block_size=BLOCK_SIZE,
             check=None, threads=HASH_THREADS):
     """The hex block hash of an image of size bytes.
 
-    read(buf, offset, length) yields memoryviews of the data in order; zero_extents are the
-    (start, length) ranges known to read as zeros, in order; check() runs after each piece (to
-    stop a canceled request).
+    readinto(view, offset) fills view with the image's bytes from offset; zero_extents are the
+    (start, length) ranges known to read as zeros, in order; check() runs after each block read
+    (to stop a canceled request).
     """
     new = hasher(algorithm)
     with concurrent.futures.ThreadPoolExecutor(threads, "blkhash") as pool:
         blocks = _Blocks(new, size, block_size, pool, threads + 1)
         try:
-            for start, length in data_ranges(size, zero_extents):
-                for view in read(buf, start, length):
-                    blocks.add(start, view)
-                    start += len(view)
-                    if check is not None:
-                        check()
+            for index, start, end in data_spans(size, zero_extents, block_size):
+                buf = blocks.open(index)
+                base = index * block_size
+                readinto(buf[start - base:end - base], start)
+                blocks.close(start - base, end - base)
+                if check is not None:
+                    check()
             return blocks.finish()
         finally:
             blocks.cancel()
 
 
 class _Blocks:
-    """Data in, block digests out in block order: each block is filled in a buffer of its own
-    (zeros where no data came) and hashed by the pool while the next ones fill."""
+    """Block digests in block order: a block with data is read into a buffer of its own (zeros
+    around its data) and hashed by the pool while the next ones are read."""
 
     def __init__(self, new, size, block_size, pool, buffers):
         self.new, self.size, self.block_size, self.pool = new, size, block_size, pool
@@ -72,27 +92,29 @@ class _Blocks:
         # In block order: (future of a data block's digest, its buffer, None, 1) or
         # (None, None, the digest of count zero blocks, count).
         self.pending = collections.deque()
-        self.next = 0           # the first block not yet hashed nor being filled
-        self.block = None       # the block being filled: its index, buffer, bytes filled
-        self.buf = None
-        self.filled = 0
+        self.next = 0           # the first block not yet given a digest
+        self.buf = None         # the buffer of the block being read
 
-    def add(self, offset, view):
-        """Data at offset, after all data before it."""
-        while view:
-            index = offset // self.block_size
-            if index != self.block:
-                self._close_block()
-                self._open_block(index)
-            at = offset - index * self.block_size
-            n = min(len(view), self.block_size - at)
-            self._fill(at)
-            self.buf[at:at + n] = view[:n]
-            self.filled = at + n
-            view, offset = view[n:], offset + n
+    def open(self, index):
+        """The buffer to read block index into; blocks before it without data are zero."""
+        self._zero_blocks_until(index)
+        while not self.free:
+            self._collect()
+        self.buf = self.free.pop()
+        return self.buf
+
+    def close(self, start, end):
+        """The block's data is in its buffer at [start, end): zero the rest, hash it."""
+        n = min(self.block_size, self.size - self.next * self.block_size)
+        buf = self.buf
+        buf[:start] = self.zeros[:start]
+        buf[end:n] = self.zeros[:n - end]
+        view = buf[:n]
+        self.pending.append((self.pool.submit(lambda: self.new(view).digest()), buf, None, 1))
+        self.next += 1
+        self.buf = None
 
     def finish(self):
-        self._close_block()
         self._zero_blocks_until(-(-self.size // self.block_size))
         while self.pending:
             self._collect()
@@ -102,27 +124,6 @@ class _Blocks:
         for future, _, _, _ in self.pending:
             if future is not None:
                 future.cancel()
-
-    def _open_block(self, index):
-        self._zero_blocks_until(index)
-        while not self.free:
-            self._collect()
-        self.block, self.buf, self.filled = index, self.free.pop(), 0
-
-    def _close_block(self):
-        if self.block is None:
-            return
-        n = min(self.block_size, self.size - self.block * self.block_size)
-        self._fill(n)
-        view = self.buf[:n]
-        future = self.pool.submit(lambda: self.new(view).digest())
-        self.pending.append((future, self.buf, None, 1))
-        self.next, self.block, self.buf = self.block + 1, None, None
-
-    def _fill(self, upto):
-        """Zeros in the block's buffer from what was filled up to upto: a zero extent's part."""
-        if upto > self.filled:
-            self.buf[self.filled:upto] = self.zeros[:upto - self.filled]
 
     def _zero_blocks_until(self, index):
         """Blocks next..index-1 have no data: their digest is known (the last may be short)."""

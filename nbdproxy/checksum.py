@@ -44,8 +44,8 @@ def get(ctx, req, ticket_id):
         try:
             zero = ((start, length) for start, length, (is_zero, _) in
                     iterate(h, "zero", 0, h.size) if is_zero)
-            digest = blkhash.compute(h.size, h.read, zero, algorithm, block_size,
-                                     ctx.connection.buffer(ctx.buffer_size), operation.check)
+            digest = blkhash.compute(h.size, h.read_into, zero, algorithm, block_size,
+                                     operation.check)
             ok = True
         finally:
             ticket.finish(operation, ok)

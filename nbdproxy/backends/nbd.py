@@ -177,7 +177,7 @@ class Handle:
         slots, piece = self._slots(buf)
         if length <= piece:
             if length:
-                yield self._read_one(slots[0][:length], offset)
+                yield self.read_into(slots[0][:length], offset)
             return
         ready, free = queue.SimpleQueue(), queue.SimpleQueue()
         for slot in slots:
@@ -197,7 +197,8 @@ class Handle:
             free.put(None)
             worker.join()
 
-    def _read_one(self, view, offset):
+    def read_into(self, view, offset):
+        """Fill view with the bytes from offset, its NBD commands all in flight at once."""
         try:
             for cookie, submitted in self._submit_read(view, offset):
                 self._wait(cookie, submitted)

@@ -205,6 +205,12 @@ class Handle(nbd_backend.Handle):
         except errors.BackendError as e:
             raise self._error(e) from None
 
+    def read_into(self, view, offset):
+        try:
+            return super().read_into(view, offset)
+        except errors.BackendError as e:
+            raise self._error(e) from None
+
     def write_from(self, readinto, buf, offset, length, on_written=None):
         """Write length bytes at offset, taken with readinto(view)."""
         try:

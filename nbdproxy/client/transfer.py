@@ -389,5 +389,4 @@ def checksum(filename, algorithm=ALGORITHM, block_size=BLOCK_SIZE):
 def compute(h, algorithm=ALGORITHM, block_size=BLOCK_SIZE):
     """blkhash of the image behind local handle h; whole zero blocks are not read."""
     zero = ((start, length) for start, length, is_zero in h.extents() if is_zero)
-    return blkhash.compute(h.size, h.read, zero, algorithm, block_size,
-                           bytearray(local.BUFFER_SIZE))
+    return blkhash.compute(h.size, h.read_into, zero, algorithm, block_size)
