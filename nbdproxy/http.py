@@ -1,4 +1,4 @@
-"""The HTTP/1.1 connection loop: the stdlib parses request heads; we frame bodies and stream answers.
+"""The HTTP/1.1 connection loop: request heads parsed, bodies framed, answers streamed.
 
 One thread serves one connection. Bodies are read with readinto and written from memoryviews, so
 no data is copied in Python on the way between the socket and NBD.

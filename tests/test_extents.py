@@ -368,3 +368,57 @@ def test_size_not_multiple_of_4096(daemon, tmp_path, connect):
         assert extents[-1]["start"] + extents[-1]["length"] == size
         assert extents[-1]["zero"] is False
         assert as_runs(extents, ("zero", "hole")) == libnbd_zero_map(server.sock, size)
+
+
+# Block status of large images: many commands, several in flight (backends/nbd.py STATUS_DEPTH)
+
+def test_extents_across_block_status_windows(daemon, tmp_path, connect):
+    """One NBD block status covers at most 4 GiB - 1 MiB: a 13 GiB export takes 4 commands,
+    in flight together, and data straddling their boundaries is where it is."""
+    from nbdproxy.backends.nbd import MAX_STATUS
+    size = 13 * 1024**3
+    server = nbdkit(str(tmp_path / "big.sock"), "memory", f"size={size}")
+    data_at = [0, MAX_STATUS - 4096, 2 * MAX_STATUS + MiB, size - 4096]
+    with exported(daemon, server, "big", size, ops=["read", "write"]):
+        for offset in data_at:
+            conn = connect()
+            conn.request("PUT", "/images/big?flush=n", body=b"\x07" * 8192 if offset < size - 4096
+                         else b"\x07" * 4096, headers={"Content-Range": f"bytes {offset}-*/*"})
+            assert conn.getresponse().status == 200
+            conn.close()
+        extents = extents_of(connect(), "big")
+        want = libnbd_zero_map(server.sock, size)
+    check_map(extents, size, ("zero", "hole"))
+    # nbdkit's memory plugin allocates in 32 KiB pages: each write is inside one data extent.
+    data = [(e["start"], e["start"] + e["length"]) for e in extents if not e["zero"]]
+    assert len(data) == len(data_at)
+    for (start, end), offset in zip(data, data_at):
+        assert start <= offset < offset + 4096 <= end and end - start <= 64 * 1024
+    assert as_runs(extents, ("zero", "hole")) == want
+
+
+def test_extents_when_replies_cover_part_of_the_window(daemon, tmp_path, connect):
+    """qemu-nbd answers at most 131072 extents per block status: the rest of a window is asked
+    again, ahead of the windows already in flight, and the map has no gap."""
+    size = 1100 * MiB
+    path = str(tmp_path / "fragmented.raw")
+    with open(path, "wb") as f:
+        f.truncate(size)
+        for offset in range(0, 600 * MiB, 8192):     # 4 KiB of data every 8 KiB
+            f.seek(offset)
+            f.write(b"\x05" * 4096)
+    server = qemu_nbd(path, str(tmp_path / "frag.sock"), "raw")
+    # The premise: one command for the whole image gets a reply that covers only part of it.
+    h = nbd.NBD()
+    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+    h.connect_unix(server.sock)
+    covered = []
+    h.block_status(size, 0, lambda context, offset, entries, err: covered.append(sum(entries[::2])))
+    h.shutdown()
+    assert covered and covered[0] < size
+    with exported(daemon, server, "frag", size):
+        extents = extents_of(connect(), "frag")
+        want = libnbd_zero_map(server.sock, size)
+    check_map(extents, size, ("zero", "hole"))
+    assert len(extents) == 2 * (600 * MiB // 8192)     # the last hole runs to the end
+    assert as_runs(extents, ("zero", "hole")) == want

@@ -32,6 +32,9 @@ POLL_MS = 1000
 # Zeroing 1 TiB with qemu-nbd in 128 MiB commands: 0.49 s one at a time, 0.18 s with 8 in flight.
 ZERO_DEPTH = 8
 MAX_STATUS = 2**32 - 2**20
+# Block status commands in flight. make bench, extents of the 1 TiB sparse image from
+# qemu-nbd (256 commands), medians of 3: 0.015 s one at a time; 0.007-0.008 s with 4, 8 or 32.
+STATUS_DEPTH = 8
 
 # How the data of one request is split into NBD commands, and how many are in flight at once.
 PIECE = 2 * 1024**2
@@ -390,31 +393,53 @@ class Handle:
             raise errors.BackendError(f"NBD flush failed: {e}") from e
 
     def block_status(self, offset, length):
-        """Yield (length, {context: flags}) runs covering [offset, offset+length) in order."""
+        """Yield (length, {context: flags}) runs covering [offset, offset+length) in order.
+
+        One command covers at most MAX_STATUS bytes: a 1 TiB image takes 256, so STATUS_DEPTH of
+        them are in flight at once. A reply that covers less than its window is followed by a
+        command for the rest of that window, ahead of the later ones.
+        """
+        if ALLOCATION not in self.contexts:
+            if length:
+                yield length, {}
+            return
         end = offset + length
+        inflight = collections.deque()     # (start, length, cookie, replies), in order
         try:
-            while offset < end:
-                replies = {}
-
-                def extent(context, start, entries, err):
-                    replies[context] = [(entries[i], entries[i + 1])
-                                        for i in range(0, len(entries), 2)]
-                    return 0
-
-                if ALLOCATION in self.contexts:
-                    self._wait(self.h.aio_block_status(min(end - offset, MAX_STATUS), offset,
-                                                      extent))
-                else:
-                    replies = {}
+            while inflight or offset < end:
+                while offset < end and len(inflight) < STATUS_DEPTH:
+                    n = min(end - offset, MAX_STATUS)
+                    inflight.append(self._submit_status(offset, n))
+                    offset += n
+                start, n, cookie, replies = inflight[0]
+                self._wait(cookie)
+                inflight.popleft()
                 moved = 0
-                for n, flags in _combine(replies, end - offset):
-                    yield n, flags
-                    moved += n
+                for run, flags in _combine(replies, n):
+                    yield run, flags
+                    moved += run
                 if moved == 0:
-                    raise errors.BackendError(f"NBD block status made no progress at {offset}")
-                offset += moved
+                    raise errors.BackendError(f"NBD block status made no progress at {start}")
+                if moved < n:
+                    inflight.appendleft(self._submit_status(start + moved, n - moved))
         except nbd.Error as e:
             raise errors.BackendError(f"NBD block status failed: {e}") from e
+        finally:
+            # Left early (an error, a client gone): the replies still due are read and dropped.
+            while inflight and not self.broken:
+                try:
+                    self._wait(inflight.popleft()[2])
+                except Exception:
+                    break
+
+    def _submit_status(self, start, length):
+        replies = {}
+
+        def extent(context, offset, entries, err):
+            replies[context] = [(entries[i], entries[i + 1]) for i in range(0, len(entries), 2)]
+            return 0
+
+        return start, length, self.h.aio_block_status(length, start, extent), replies
 
     def _aio(self, submit, part, offset):
         """Submit aio_pread or aio_pwrite on part, a memoryview that _wait() gives back."""
