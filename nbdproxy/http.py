@@ -7,6 +7,7 @@ no data is copied in Python on the way between the socket and NBD.
 import email.utils
 import functools
 import http.server
+import io
 import logging
 import mmap
 import re
@@ -203,6 +204,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.connection_state = connection
         self.service = service
         super().__init__(sock, address, service)
+
+    def setup(self):
+        super().setup()
+        if not isinstance(self.connection, ssl.SSLSocket):
+            self.wfile = _Writer(self.connection_state)
 
     # Parsing
 
@@ -455,6 +461,34 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         log.debug("%s: " + format, self.connection_state.id, *args)
+
+
+class _Writer(io.BufferedIOBase):
+    """sendall for a plain socket whose idle timeout is SO_SNDTIMEO.
+
+    A blocking send returns early only when the timeout passed with the socket buffer full (or
+    a signal came): it then returns what it had sent before it waited, and sendall would wait
+    again, up to twice the timeout in all. Here a short send after waiting that long is the
+    timeout.
+    """
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        sock, timeout = self.conn.sock, self.conn.timeout
+        view = memoryview(data).cast("B")
+        sent = 0
+        while sent < len(view):
+            started = time.monotonic()
+            n = sock.send(view[sent:])
+            sent += n
+            if sent < len(view) and timeout and time.monotonic() - started >= timeout:
+                raise TimeoutError("the client read nothing for the inactivity timeout")
+        return sent
 
 
 def set_timeout(sock, seconds):
