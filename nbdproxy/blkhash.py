@@ -1,9 +1,10 @@
 """The block hash of API.md 4c (ovirt-imageio's blkhash), for the server's /checksum and the client.
 
 Each block of block_size is hashed (the last may be short); the digests are hashed in order with
-the same algorithm. Blocks inside zero extents use a precomputed digest and are not read; the zero
-parts of other blocks are not read either. Blocks are hashed on HASH_THREADS threads, since
-hashing, not reading, bounds a checksum (hashlib lets go of the GIL while it hashes).
+the same algorithm. Blocks inside zero extents use a precomputed digest and are not read; other
+blocks are read from their first data byte to their last. Blocks are hashed on HASH_THREADS
+threads, since hashing, not reading, bounds a checksum (hashlib lets go of the GIL while it
+hashes); each thread and the reader have a buffer of one block.
 """
 
 import collections
