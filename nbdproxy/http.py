@@ -113,9 +113,10 @@ class Body:
         except OSError as e:
             raise errors.ClientGone(f"reading the request body failed: {e}") from None
         if not line.endswith(b"\n"):
-            if not line:
-                raise errors.ClientGone("the client closed the connection inside a chunked body")
-            raise errors.BadRequest("Invalid chunked body: line too long")
+            if len(line) > MAX_CHUNK_LINE:
+                raise errors.BadRequest("Invalid chunked body: line too long")
+            # End of input, or (plain sockets) the inactivity timeout, inside the line.
+            raise errors.ClientGone("the chunked body ended inside a chunk line")
         return line.strip()
 
     def _readinto_chunked(self, buf):

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import socket
 import subprocess
 import time
 
@@ -169,6 +170,46 @@ def test_chunked_put_with_curl(daemon, raw_export, raw_image):
                          input=payload, check=True, capture_output=True).stdout
     assert out == b"200"
     assert read_export(raw_export.sock, 0, len(payload)) == payload
+
+
+def _raw_chunked_put(daemon, body):
+    """Send a chunked PUT head and body bytes, close our side; everything the daemon answers."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(daemon.local_socket)
+    s.sendall(b"PUT /images/test HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+              + body)
+    s.shutdown(socket.SHUT_WR)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    s.close()
+    return out
+
+
+def test_chunked_put_chunk_line_too_long(daemon, raw_export, raw_image):
+    daemon.add_ticket(raw_export.url, os.path.getsize(raw_image))
+    before = read_export(raw_export.sock, 0, 4096)
+    out = _raw_chunked_put(daemon, b"1" + b"0" * 2000 + b"\r\n")
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert b"line too long" in out
+    assert read_export(raw_export.sock, 0, 4096) == before
+
+
+def test_chunked_put_ending_inside_a_chunk_line(daemon, raw_export, raw_image):
+    """A body cut inside a chunk-size line is a body that ended early, not a line too long; the
+    write is logged as failed and nothing is acknowledged."""
+    daemon.add_ticket(raw_export.url, os.path.getsize(raw_image))
+    log_start = len(daemon.read_log().splitlines())
+    out = _raw_chunked_put(daemon, b"1000\r\n" + b"\x09" * 4096 + b"\r\n10")
+    assert out.startswith(b"HTTP/1.1 400 ")
+    assert b"ended inside a chunk line" in out
+    deadline = time.monotonic() + 5
+    while not any("op=write ticket=test" in line and line.endswith(" failed")
+                  for line in daemon.read_log().splitlines()[log_start:]):
+        assert time.monotonic() < deadline, daemon.read_log()
+        time.sleep(0.02)
+    assert "Traceback" not in daemon.read_log()
 
 
 # 5. Zero detection on PUT.
