@@ -6,6 +6,7 @@ reaches only us), gets SIGTERM from the kernel if we die (PR_SET_PDEATHSIG), and
 finally by whoever started it.
 """
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -184,49 +185,41 @@ class Handle(nbd_backend.Handle):
         except errors.BackendError as e:
             raise ClientError(f"{name}: cannot connect to qemu-nbd: {e}") from None
 
-    def _error(self, e):
-        cause = e.__cause__
-        if getattr(cause, "errnum", None) == errno.ENOSPC:
-            return ClientError(f"{self.name}: {e}: no space left on device")
-        return ClientError(f"{self.name}: {e}")
+    @contextlib.contextmanager
+    def _named_errors(self):
+        """The backend's errors as ClientErrors that name the local image."""
+        try:
+            yield
+        except errors.BackendError as e:
+            if getattr(e.__cause__, "errnum", None) == errno.ENOSPC:
+                raise ClientError(f"{self.name}: {e}: no space left on device") from None
+            raise ClientError(f"{self.name}: {e}") from None
 
     def extents(self):
         """Yield (start, length, zero) covering the image, neighbours of equal flags merged."""
-        try:
+        with self._named_errors():
             for start, length, (zero, _hole) in iterate(self, "zero", 0, self.size):
                 yield start, length, zero
-        except errors.BackendError as e:
-            raise self._error(e) from None
 
     def read(self, buf, offset, length):
         """Yield memoryviews of buf holding [offset, offset+length) in order."""
-        try:
+        with self._named_errors():
             yield from super().read(buf, offset, length)
-        except errors.BackendError as e:
-            raise self._error(e) from None
 
     def read_into(self, view, offset):
-        try:
+        with self._named_errors():
             return super().read_into(view, offset)
-        except errors.BackendError as e:
-            raise self._error(e) from None
 
     def write_from(self, readinto, buf, offset, length, on_written=None):
         """Write length bytes at offset, taken with readinto(view)."""
-        try:
+        with self._named_errors():
             self.write(readinto, buf, offset, length, on_written or (lambda n: None), self.size)
-        except errors.BackendError as e:
-            raise self._error(e) from None
 
     def zero(self, offset, length):
-        try:
+        with self._named_errors():
             for _ in super().zero(offset, length, True, bytearray(PIECE)):
                 pass
-        except errors.BackendError as e:
-            raise self._error(e) from None
 
     def flush(self):
-        try:
+        with self._named_errors():
             super().flush()
-        except errors.BackendError as e:
-            raise self._error(e) from None
