@@ -303,23 +303,19 @@ class Handle:
 
     def _submit_read(self, view, offset):
         """Queue reads of view's bytes from offset; [(cookie, time submitted)]."""
-        cookies = []
-        step = self.request_size
-        for i in range(0, len(view), step):
-            part = view[i:i + step]
-            cookies.append((self._aio(self.h.aio_pread, part, offset + i), time.monotonic()))
-        return cookies
+        return self._submit_parts(self.h.aio_pread, view, offset)
 
     def _submit_write(self, view, offset, zero, zero_flags):
         """Queue a write of view at offset, or one WRITE_ZEROES if it is all zero."""
         if zero and self.can_zero:
             return [(self.h.aio_zero(len(view), offset, flags=zero_flags), time.monotonic())]
-        cookies = []
+        return self._submit_parts(self.h.aio_pwrite, view, offset)
+
+    def _submit_parts(self, submit, view, offset):
+        """submit (aio_pread or aio_pwrite) view in commands of request_size."""
         step = self.request_size
-        for i in range(0, len(view), step):
-            part = view[i:i + step]
-            cookies.append((self._aio(self.h.aio_pwrite, part, offset + i), time.monotonic()))
-        return cookies
+        return [(self._aio(submit, view[i:i + step], offset + i), time.monotonic())
+                for i in range(0, len(view), step)]
 
     def _write_behind(self, work, free, zero_flags):
         """Worker of write(): submit the pieces it is given, return each slot once written."""
@@ -404,14 +400,14 @@ class Handle:
                 yield length, {}
             return
         end = offset + length
-        inflight = collections.deque()     # (start, length, cookie, replies), in order
+        inflight = collections.deque()     # ([(cookie, None)], start, length, replies), in order
         try:
             while inflight or offset < end:
                 while offset < end and len(inflight) < STATUS_DEPTH:
                     n = min(end - offset, MAX_STATUS)
                     inflight.append(self._submit_status(offset, n))
                     offset += n
-                start, n, cookie, replies = inflight[0]
+                [(cookie, _)], start, n, replies = inflight[0]
                 self._wait(cookie)
                 inflight.popleft()
                 moved = 0
@@ -425,12 +421,7 @@ class Handle:
         except nbd.Error as e:
             raise errors.BackendError(f"NBD block status failed: {e}") from e
         finally:
-            # Left early (an error, a client gone): the replies still due are read and dropped.
-            while inflight and not self.broken:
-                try:
-                    self._wait(inflight.popleft()[2])
-                except Exception:
-                    break
+            self._drain(inflight)
 
     def _submit_status(self, start, length):
         replies = {}
@@ -439,7 +430,7 @@ class Handle:
             replies[context] = [(entries[i], entries[i + 1]) for i in range(0, len(entries), 2)]
             return 0
 
-        return start, length, self.h.aio_block_status(length, start, extent), replies
+        return [(self.h.aio_block_status(length, start, extent), None)], start, length, replies
 
     def _aio(self, submit, part, offset):
         """Submit aio_pread or aio_pwrite on part, a memoryview that _wait() gives back."""
