@@ -198,9 +198,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     # errors found before the request line's version was read, and two-word request lines.
     default_request_version = "HTTP/1.0"
 
-    def version_string(self):
-        return self.server_version
-
     def __init__(self, sock, address, service, connection):
         self.connection_state = connection
         self.service = service
@@ -311,10 +308,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
             key = name.decode("ascii").lower()
             text = value.decode("latin-1")
             headers[key] = headers[key] + "," + text if key in headers else text
-
-    def handle_expect_100(self):
-        # Answered by Body when the handler starts reading, not before the handler has run.
-        return True
 
     def _environ(self):
         target = self.path
@@ -454,7 +447,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             pass
 
     def _common_headers(self):
-        return f"Server: {self.server_version}\r\nDate: {_http_date(int(time.time()))}\r\n"
+        return f"Server: {self.server_version}\r\nDate: {http_date(int(time.time()))}\r\n"
 
     def _write_head(self, lines, body=()):
         """Send the head (lines without the blank line that ends it) and a small body, at once."""
@@ -512,7 +505,7 @@ def set_timeout(sock, seconds):
 
 
 @functools.lru_cache(maxsize=1)
-def _http_date(second):
+def http_date(second):
     """The Date header of responses in this second: formatting it anew each time was 5 % of
     the daemon's Python time on small requests."""
     return email.utils.formatdate(second, usegmt=True)

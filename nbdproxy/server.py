@@ -1,6 +1,5 @@
 """The daemon: binds the control, local and remote services, serves them, and stops cleanly."""
 
-import email.utils
 import errno
 import grp
 import itertools
@@ -337,7 +336,7 @@ class Service:
             sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nServer: nbdproxy/%s\r\n"
                          b"Date: %s\r\nContent-Type: text/plain; charset=UTF-8\r\n"
                          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
-                         % (__version__.encode(), email.utils.formatdate(usegmt=True).encode(),
+                         % (__version__.encode(), http.http_date(int(time.time())).encode(),
                             len(body), body))
             http._linger(sock)
         except (OSError, ValueError):
