@@ -38,15 +38,9 @@ def _params(req):
 def get(ctx, req, ticket_id):
     algorithm, block_size = _params(req)
     ticket = authorize(ctx, ticket_id, "read")
-    with ticket.backend.handle() as h:
-        operation = ticket.start("checksum", 0, 0)
-        ok = False
-        try:
-            zero = ((start, length) for start, length, (is_zero, _) in
-                    iterate(h, "zero", 0, h.size) if is_zero)
-            digest = blkhash.compute(h.size, h.read_into, zero, algorithm, block_size,
-                                     operation.check)
-            ok = True
-        finally:
-            ticket.finish(operation, ok)
+    with ticket.backend.handle() as h, ticket.running("checksum") as operation:
+        zero = ((start, length) for start, length, (is_zero, _) in
+                iterate(h, "zero", 0, h.size) if is_zero)
+        digest = blkhash.compute(h.size, h.read_into, zero, algorithm, block_size,
+                                 operation.check)
     return json_response({"algorithm": algorithm, "block_size": block_size, "checksum": digest})

@@ -224,8 +224,8 @@ def _flush_param(req):
     return value == "y"
 
 
-def _check_write_range(ticket, h, offset, length):
-    for size in (ticket.size, h.size):
+def _check_write_range(offset, length, *sizes):
+    for size in sizes:
         if offset + length > size:
             raise errors.RangeNotSatisfiable(
                 f"Requested range {offset}-{offset + length} is past the image size {size}", size)
@@ -236,24 +236,17 @@ def put(ctx, req, ticket_id):
     offset = _put_offset(req)
     flush = _flush_param(req)
     ticket = authorize(ctx, ticket_id, "write")
-    if length is not None and offset + length > ticket.size:
-        raise errors.RangeNotSatisfiable(
-            f"Requested range {offset}-{offset + length} is past the image size {ticket.size}",
-            ticket.size)
+    if length is not None:
+        _check_write_range(offset, length, ticket.size)    # before opening NBD
     with ticket.backend.handle() as h:
         if length is not None:
-            _check_write_range(ticket, h, offset, length)
-        operation = ticket.start("write", offset, length or 0)
-        ok = False
-        try:
+            _check_write_range(offset, length, h.size)
+        with ticket.running("write", offset, length or 0) as operation:
             body = req.environ["wsgi.input"]
             h.write(body.readinto, ctx.connection.buffer(ctx.buffer_size), offset, length,
                     operation.progress, min(ticket.size, h.size), punch_hole=ticket.sparse)
             if flush:
                 ticket.backend.flush(h)
-            ok = True
-        finally:
-            ticket.finish(operation, ok)
     return empty_response(200)
 
 
@@ -305,28 +298,17 @@ def patch(ctx, req, ticket_id):
 def _zero(ctx, ticket_id, offset, size, flush):
     ticket = authorize(ctx, ticket_id, "write")
     with ticket.backend.handle() as h:
-        _check_write_range(ticket, h, offset, size)
-        operation = ticket.start("zero", offset, size)
-        ok = False
-        try:
+        _check_write_range(offset, size, ticket.size, h.size)
+        with ticket.running("zero", offset, size) as operation:
             for n in h.zero(offset, size, ticket.sparse, ctx.connection.buffer(ctx.buffer_size)):
                 operation.progress(n)
             if flush:
                 ticket.backend.flush(h)
-            ok = True
-        finally:
-            ticket.finish(operation, ok)
     return empty_response(200)
 
 
 def _flush(ctx, ticket_id):
     ticket = authorize(ctx, ticket_id, "write")
-    with ticket.backend.handle() as h:
-        operation = ticket.start("flush")
-        ok = False
-        try:
-            ticket.backend.flush(h)
-            ok = True
-        finally:
-            ticket.finish(operation, ok)
+    with ticket.backend.handle() as h, ticket.running("flush"):
+        ticket.backend.flush(h)
     return empty_response(200)

@@ -4,6 +4,7 @@ The registry is the only global mutable state of the daemon; it and each ticket 
 """
 
 import bisect
+import contextlib
 import logging
 import threading
 import time
@@ -178,6 +179,17 @@ class Ticket:
             operation = Operation(self, op, offset, length)
             self._running.add(operation)
             return operation
+
+    @contextlib.contextmanager
+    def running(self, op, offset=0, length=0):
+        """start() an operation for the block; finish() it, failed if the block raised."""
+        operation = self.start(op, offset, length)
+        ok = False
+        try:
+            yield operation
+            ok = True
+        finally:
+            self.finish(operation, ok)
 
     def finish(self, operation, ok):
         seconds = time.monotonic() - operation.started
