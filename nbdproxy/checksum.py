@@ -39,8 +39,9 @@ def get(ctx, req, ticket_id):
     algorithm, block_size = _params(req)
     ticket = authorize(ctx, ticket_id, "read")
     with ticket.backend.handle() as h, ticket.running("checksum") as operation:
+        size = min(ticket.size, h.size)     # what the ticket grants (API.md 4c)
         zero = ((start, length) for start, length, (is_zero, _) in
-                iterate(h, "zero", 0, h.size) if is_zero)
-        digest = blkhash.compute(h.size, h.read_into, zero, algorithm, block_size,
+                iterate(h, "zero", 0, size) if is_zero)
+        digest = blkhash.compute(size, h.read_into, zero, algorithm, block_size,
                                  operation.check)
     return json_response({"algorithm": algorithm, "block_size": block_size, "checksum": digest})

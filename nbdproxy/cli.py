@@ -55,6 +55,12 @@ def build_parser():
     serve.add_argument("--nbd-timeout", type=int, metavar="SECONDS",
                        help="fail a request whose NBD command gets no answer in this time "
                             "(default 300; 0: wait forever)")
+    serve.add_argument("--nbd-idle-timeout", type=int, metavar="SECONDS",
+                       help="close an NBD connection no request used for this long (default 5; "
+                            "0: when its request ends)")
+    serve.add_argument("--nbd-connect-timeout", type=int, metavar="SECONDS",
+                       help="fail a request whose NBD server does not complete the handshake "
+                            "in this time (default 10; 0: wait forever)")
     serve.add_argument("--remove-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--stop-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--initial-timeout", type=int, metavar="SECONDS",

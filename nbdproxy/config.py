@@ -27,6 +27,8 @@ SETTINGS = {
     "nbd_connections": (int, 8),
     "nbd_request_size": (int, 512 * 1024),
     "nbd_timeout": (int, 300),
+    "nbd_idle_timeout": (int, 5),
+    "nbd_connect_timeout": (int, 10),
     "remove_timeout": (int, 60),
     "stop_timeout": (int, 30),
     "initial_timeout": (int, 60),
@@ -113,7 +115,8 @@ def check(values):
     if values["log_level"].upper() not in LOG_LEVELS:
         raise ConfigError(f"log_level: {values['log_level']!r} is not one of {LOG_LEVELS}")
     values["log_level"] = values["log_level"].upper()
-    for key in ("remove_timeout", "stop_timeout", "nbd_timeout"):
+    for key in ("remove_timeout", "stop_timeout", "nbd_timeout", "nbd_idle_timeout",
+                "nbd_connect_timeout"):
         if values[key] < 0:
             raise ConfigError(f"{key}: must be >= 0")
     if not 1 <= values["initial_timeout"] <= 3600:

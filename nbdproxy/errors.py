@@ -37,6 +37,10 @@ class RangeNotSatisfiable(Error):
         self.size = size
 
 
+class ServiceUnavailable(Error):
+    """The daemon or the NBD server cannot take the request now (503)."""
+
+
 class Canceled(Forbidden):
     """The ticket was canceled while the request was running."""
 

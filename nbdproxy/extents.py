@@ -79,7 +79,8 @@ def get(ctx, req, ticket_id):
     try:
         if context == "dirty" and h.dirty_context not in h.contexts:
             raise errors.NotFound("The export has no dirty bitmap")
-        start, length = _window(req, h.size)
+        # Nothing past the ticket is described (API.md 4b).
+        start, length = _window(req, min(ticket.size, h.size))
         operation = ticket.start("extents", start, 0)
         extents = iterate(h, context, start, length)
         first = list(itertools.islice(extents, MAX_BUFFERED))

@@ -53,7 +53,7 @@ def options(ctx, req, ticket_id):
         return json_response(info, Allow="OPTIONS,GET,PUT,PATCH")
     ticket = authorize(ctx, ticket_id, "read")
     with ticket.backend.handle() as h:
-        size = h.size
+        size = min(ticket.size, h.size)
     writable = ticket.may("write")
     info = {
         "features": WRITE_FEATURES if writable else READ_FEATURES,

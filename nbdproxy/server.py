@@ -356,12 +356,16 @@ class Server:
         self.metrics.registry = self.registry
         self.services = []
         self._stop = threading.Event()
+        self.idle_closer = nbd_backend.IdleCloser()
 
     def _open_backend(self, fields):
         pool = nbd_backend.Pool.for_ticket(fields)
         pool.limit = self.config.nbd_connections
         pool.request_size = self.config.nbd_request_size
         pool.timeout = self.config.nbd_timeout or None
+        pool.connect_timeout = self.config.nbd_connect_timeout or None
+        pool.idle_timeout = self.config.nbd_idle_timeout
+        pool.closer = self.idle_closer
         pool.metrics = self.metrics
         return pool
 

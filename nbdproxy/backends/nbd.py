@@ -7,6 +7,7 @@ import collections
 import contextlib
 import ctypes
 import logging
+import os
 import queue
 import re
 import select
@@ -52,15 +53,22 @@ class Address:
     def __init__(self, unix=None, host=None, port=None, export="", uri=None):
         self.unix, self.host, self.port, self.export, self.uri = unix, host, port, export, uri
 
-    def connect(self, h):
+    def aio_connect(self, h):
+        """Start connecting h; the handshake is then driven by polling (see _settle)."""
         if self.uri:
-            h.connect_uri(self.uri)
+            h.aio_connect_uri(self.uri)
             return
         h.set_export_name(self.export)
         if self.unix:
-            h.connect_unix(self.unix)
+            h.aio_connect_unix(self.unix)
         else:
-            h.connect_tcp(self.host, str(self.port))
+            h.aio_connect_tcp(self.host, str(self.port))
+
+    def __str__(self):
+        if self.uri:
+            return self.uri
+        where = self.unix or f"{self.host}:{self.port}"
+        return f"{where} export {self.export!r}" if self.export else where
 
 
 _OLD_UNIX = re.compile(r"^nbd:unix:(?P<path>[^:]+)(?::exportname=(?P<export>.*))?$")
@@ -93,12 +101,17 @@ class Handle:
     """One libnbd connection to the export, with the contexts this ticket needs."""
 
     def __init__(self, address, dirty=False, metrics=None, request_size=REQUEST_SIZE,
-                 timeout=None):
+                 timeout=None, connect_timeout=None):
+        self.address = address
         self.metrics = metrics
         self.request_size = request_size
         self.timeout = timeout
         self.broken = False
         self.dirty_context = None
+        # Bytes the server acknowledged since the last flush of this connection: what closing
+        # it without a flush could lose.
+        self.unflushed = 0
+        self._count_lock = threading.Lock()
         self._parts = {}    # cookie -> the memoryview an aio command reads into or writes from
         h = nbd.NBD()
         try:
@@ -106,14 +119,18 @@ class Handle:
             # so libnbd's zeroing of every read buffer would be a memset per byte for nothing.
             h.set_pread_initialize(False)
             h.set_opt_mode(True)
-            address.connect(h)
+            # The handshake is polled against a deadline: a peer that accepts and never greets
+            # (or is no NBD server at all) must not hold the request for ever.
+            deadline = connect_timeout and time.monotonic() + connect_timeout
+            address.aio_connect(h)
+            self._settle(h, deadline)
             if dirty:
-                self.dirty_context = self._find_bitmap(h)
+                self.dirty_context = self._find_bitmap(h, deadline)
             h.clear_meta_contexts()
             for context in (ALLOCATION, DEPTH, self.dirty_context):
                 if context:
                     h.add_meta_context(context)
-            h.opt_go()
+            self._go(h, deadline)
             self.size = h.get_size()
             self.can_zero = h.can_zero()
             self.can_flush = h.can_flush()
@@ -123,22 +140,55 @@ class Handle:
                              if c and h.can_meta_context(c)}
         except nbd.Error as e:
             _close(h)
-            raise errors.BackendError(f"cannot open NBD export: {e}") from e
+            raise errors.BackendError(f"cannot open NBD export {address}: {e}") from e
+        except BaseException:
+            _close(h)
+            raise
         self.h = h
         # Idle handles are checked with one poll(2) on this fd (see alive()).
         self._idle_poller = select.poll()
         self._idle_poller.register(h.aio_get_fd(), select.POLLIN | select.POLLPRI)
 
-    @staticmethod
-    def _find_bitmap(h):
+    def _settle(self, h, deadline):
+        """Poll until the handshake step in progress is done; 503 once the deadline passed."""
+        while h.aio_is_connecting():
+            timeout = -1
+            if deadline:
+                timeout = int((deadline - time.monotonic()) * 1000)
+                if timeout <= 0:
+                    log.warning("NBD server %s did not complete the handshake in time",
+                                self.address)
+                    raise errors.ServiceUnavailable("NBD server not answering")
+            h.poll(timeout)
+        if not (h.aio_is_negotiating() or h.aio_is_ready()):
+            raise errors.BackendError(
+                f"cannot open NBD export {self.address}: the server closed the connection")
+
+    def _go(self, h, deadline):
+        failed = []
+        h.aio_opt_go(completion=lambda err: failed.append(err.value) or 0)
+        self._settle(h, deadline)
+        if not h.aio_is_ready():
+            errno = failed[0] if failed else 0
+            why = os.strerror(errno) if errno else "refused"
+            raise errors.BackendError(f"cannot open NBD export {self.address}: {why}")
+
+    def _find_bitmap(self, h, deadline):
         names = []
         try:
             h.add_meta_context(BITMAP_PREFIX)
-            h.opt_list_meta_context(lambda name: names.append(name))
+            h.aio_opt_list_meta_context(lambda name: names.append(name) or 0)
+            self._settle(h, deadline)
         except nbd.Error as e:
             log.warning("cannot list dirty bitmaps: %s", e)
         names = [n for n in names if n.startswith(BITMAP_PREFIX) and n != BITMAP_PREFIX]
         return names[0] if names else None
+
+    def written(self, n):
+        """Count n bytes of a request that succeeded: the client was told they were written,
+        so they must not be lost (the bytes of a failed request were never acknowledged)."""
+        with self._count_lock:
+            self.unflushed += n
 
     def close(self):
         # shutdown() waits for the server to close: not for one that stopped answering.
@@ -247,6 +297,7 @@ class Handle:
             if length:
                 self._write_one(readinto, slots[0][:length], offset, zero_flags)
                 on_written(length)
+                self.written(length)
             return
         work, free = queue.SimpleQueue(), queue.SimpleQueue()
         worker = threading.Thread(target=self._write_behind, args=(work, free, zero_flags),
@@ -254,6 +305,7 @@ class Handle:
         worker.start()
         idle = list(slots)
         busy = 0
+        acked = 0
         pos = offset
         end = None if length is None else offset + length
         try:
@@ -281,7 +333,9 @@ class Handle:
                 slot, n = item
                 busy -= 1
                 idle.append(slot)
+                acked += n
                 on_written(n)
+            self.written(acked)
         finally:
             work.put(None)
             worker.join()
@@ -354,6 +408,7 @@ class Handle:
         flags = 0 if punch_hole else nbd.CMD_FLAG_NO_HOLE
         inflight = collections.deque()
         pos, end = offset, offset + length
+        acked = 0
         try:
             while pos < end or inflight:
                 while pos < end and len(inflight) < ZERO_DEPTH:
@@ -363,7 +418,10 @@ class Handle:
                     pos += n
                 for cookie, submitted in inflight[0][0]:
                     self._wait(cookie, submitted)
-                yield inflight.popleft()[2]
+                n = inflight.popleft()[2]
+                acked += n
+                yield n
+            self.written(acked)
         except nbd.Error as e:
             raise errors.BackendError(f"NBD zero failed: {e}") from e
         finally:
@@ -374,19 +432,26 @@ class Handle:
         view = memoryview(buf)
         view[:] = bytes(len(view))
         end = offset + length
+        acked = 0
         while offset < end:
             n = min(len(view), end - offset)
             self.h.pwrite(view[:n], offset)
             offset += n
+            acked += n
             yield n
+        self.written(acked)
 
-    def flush(self):
-        if not self.can_flush:
-            return
-        try:
-            self._wait(self.h.aio_flush())
-        except nbd.Error as e:
-            raise errors.BackendError(f"NBD flush failed: {e}") from e
+    def flush(self, covers=()):
+        """Flush this connection; with multi-conn, what the handles in covers wrote too."""
+        pending = [(h, h.unflushed) for h in (self, *covers)]
+        if self.can_flush:
+            try:
+                self._wait(self.h.aio_flush())
+            except nbd.Error as e:
+                raise errors.BackendError(f"NBD flush failed: {e}") from e
+        for h, n in pending:
+            with h._count_lock:
+                h.unflushed -= n
 
     def block_status(self, offset, length):
         """Yield (length, {context: flags}) runs covering [offset, offset+length) in order.
@@ -594,19 +659,29 @@ def _combine(replies, limit):
 
 
 class Pool:
-    """A ticket's NBD connections: reused across requests, at most `limit` open at once."""
+    """A ticket's NBD connections: reused across requests, at most `limit` open at once, closed
+    after `idle_timeout` seconds unused (0: when their request ends; None: never).
+
+    Nothing acknowledged is lost silently: a connection is flushed before it is closed, and
+    when that flush (or any flush) fails, or its server was already gone, every later flush
+    fails (API.md 4, 7e).
+    """
 
     def __init__(self, address, dirty=False, limit=8):
         self.address = address
         self.dirty = dirty
         self.limit = limit
         self._cond = threading.Condition()
-        self._idle = []
+        self._idle = []         # (handle, time it became idle), most recently used last
         self._all = set()
         self._closed = False
+        self._lost = None       # why acknowledged writes may be lost, once they may be
         self.metrics = None
         self.request_size = REQUEST_SIZE
         self.timeout = None
+        self.connect_timeout = None
+        self.idle_timeout = None
+        self.closer = None          # the daemon's IdleCloser, which calls reap()
 
     @classmethod
     def for_ticket(cls, fields):
@@ -628,78 +703,152 @@ class Pool:
         self.release(h)
 
     def acquire(self):
-        dead = []
-        try:
-            return self._acquire(dead)
-        finally:
-            for h in dead:
-                h.close()
+        while True:
+            with self._cond:
+                h = self._take()
+            if h is None:
+                break
+            if h.alive():
+                return h
+            # Its server went away since it was used: a new server may be listening.
+            self._retire(h, "its NBD server went away")
+        return self._connect()
 
-    def _acquire(self, dead):
+    def _take(self):
+        """An idle handle, or None once there is room for a new one (waits at the limit)."""
+        while True:
+            if self._closed:
+                raise errors.Canceled("Ticket was removed")
+            if self._idle:
+                return self._idle.pop()[0]
+            if len(self._all) < self.limit:
+                return None
+            self._cond.wait()
+
+    def _connect(self):
+        placeholder = object()
         with self._cond:
-            while True:
-                if self._closed:
-                    raise errors.Canceled("Ticket was removed")
-                if self._idle:
-                    h = self._idle.pop()
-                    if h.alive():
-                        return h
-                    # Its server went away since it was used: a new server may be listening.
-                    log.info("dropping an idle NBD connection whose server is gone")
-                    self._all.discard(h)
-                    dead.append(h)
-                    continue
-                if len(self._all) < self.limit:
-                    break
-                self._cond.wait()
-            placeholder = object()
             self._all.add(placeholder)
+        h = None
         try:
-            h = Handle(self.address, self.dirty, self.metrics, self.request_size, self.timeout)
+            h = Handle(self.address, self.dirty, self.metrics, self.request_size, self.timeout,
+                       self.connect_timeout)
         finally:
             with self._cond:
                 self._all.discard(placeholder)
+                if h is not None:
+                    self._all.add(h)
                 self._cond.notify()
-        with self._cond:
-            self._all.add(h)
         return h
 
     def release(self, h, reuse=True):
         """Give a handle back; reuse=False closes it (it saw an error or has commands in flight)."""
         with self._cond:
-            if reuse and not self._closed:
-                self._idle.append(h)
-                h = None
-            else:
-                self._all.discard(h)
+            keep = reuse and not self._closed and self.idle_timeout != 0
+            if keep:
+                self._idle.append((h, time.monotonic()))
+                self._cond.notify()
+        if not keep:
+            self._retire(h, "its request failed" if not reuse else "it is no longer needed")
+        elif self.idle_timeout and self.closer is not None:
+            self.closer.watch(self)
+
+    def has_idle(self):
+        with self._cond:
+            return bool(self._idle)
+
+    def reap(self, now):
+        """Close the handles idle for idle_timeout; when the next one is due, or None."""
+        with self._cond:
+            expired = [h for h, since in self._idle if since + self.idle_timeout <= now]
+            self._idle = [(h, since) for h, since in self._idle if h not in expired]
+            due = min((since + self.idle_timeout for _, since in self._idle), default=None)
+        for h in expired:
+            self._retire(h, f"idle for {self.idle_timeout} s")
+        return due
+
+    def _retire(self, h, why):
+        """Close a handle for good, flushing it first when it holds acknowledged writes."""
+        if h.unflushed and not h.broken:
+            try:
+                h.flush()
+            except errors.BackendError as e:
+                log.warning("flush before closing an NBD connection to %s failed: %s",
+                            self.address, e)
+        if h.unflushed:
+            self._lose(h, f"its connection was closed unflushed: {why}")
+        h.close()
+        with self._cond:
+            self._all.discard(h)
             self._cond.notify()
-        if h is not None:
-            h.close()
+
+    def _lose(self, h, why):
+        with h._count_lock:
+            n, h.unflushed = h.unflushed, 0
+        with self._cond:
+            first = self._lost is None
+            self._lost = self._lost or f"writes to NBD server {self.address} may be lost"
+        log.error("NBD server %s: %d acknowledged bytes may be lost (%s)%s", self.address, n,
+                  why, "; every later flush of this ticket fails" if first else "")
 
     def flush(self, current):
         """Make all data written through any connection of this ticket durable.
 
         libnbd handles are thread-safe, so handles busy in other requests are flushed too.
         """
-        current.flush()
-        if current.can_multi_conn:
-            return
         with self._cond:
             others = [h for h in self._all if isinstance(h, Handle) and h is not current]
-        for h in others:
+        targets = [current] if current.can_multi_conn else [current, *others]
+        for h in targets:
             try:
-                h.flush()
-            except errors.BackendError:
-                # A broken handle lost its unflushed writes with its connection; the request
-                # that used it failed and reported that.
-                log.warning("flush of another connection failed", exc_info=True)
+                h.flush(covers=others if h.can_multi_conn else ())
+            except errors.BackendError as e:
+                self._lose(h, str(e))
+        if self._lost is not None:
+            raise errors.BackendError(self._lost)
 
     def close(self):
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
-            for h in idle:
-                self._all.discard(h)
             self._cond.notify_all()
-        for h in idle:
-            h.close()
+        for h, _ in idle:
+            self._retire(h, "the ticket was removed")
+
+
+class IdleCloser:
+    """One thread for the daemon that closes pooled NBD connections idle past their pool's
+    idle_timeout (API.md 7e), so idle keep-alive clients do not hold an NBD server's slots."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._pools = set()
+        self._changed = False
+        threading.Thread(target=self._run, name="nbd-idle", daemon=True).start()
+
+    def watch(self, pool):
+        """pool has idle handles now: reap it when they are due."""
+        with self._cond:
+            self._pools.add(pool)
+            self._changed = True
+            self._cond.notify()
+
+    def _run(self):
+        while True:
+            with self._cond:
+                pools, self._changed = list(self._pools), False
+            now = time.monotonic()
+            next_due = None
+            for pool in pools:
+                due = pool.reap(now)
+                if due is None:
+                    with self._cond:
+                        # Unless a handle went idle since reap() looked (watch() came first).
+                        if not pool.has_idle():
+                            self._pools.discard(pool)
+                else:
+                    next_due = due if next_due is None else min(next_due, due)
+            with self._cond:
+                if not self._changed:
+                    self._cond.wait(None if next_due is None
+                                    else max(0.0, next_due - time.monotonic()))
