@@ -19,6 +19,7 @@ import urllib.parse
 import nbd
 
 from .. import errors
+from . import Caps, Extent
 
 log = logging.getLogger("nbdproxy.nbd")
 
@@ -488,6 +489,32 @@ class Handle:
         finally:
             self._drain(inflight)
 
+    def extents(self, context, offset, length):
+        """Yield Extents of context ("zero" or "dirty") covering [offset, offset+length), in
+        order, neighbours with equal flags merged; NotFound when the export cannot answer."""
+        if context == "dirty" and self.dirty_context not in self.contexts:
+            raise errors.NotFound("The export has no dirty bitmap")
+        if context not in ("zero", "dirty"):
+            raise errors.NotFound(f"No extents of context {context!r}")
+        bitmap = self.dirty_context
+        run = None
+        pos = offset
+        for n, flags in self.block_status(offset, length):
+            zero = bool(flags.get(ALLOCATION, 0) & nbd.STATE_ZERO)
+            if context == "dirty":
+                hole, dirty = False, bool(flags.get(bitmap, 0) & 1)
+            else:
+                hole, dirty = flags.get(DEPTH) == 0, False
+            if run is not None and (run.zero, run.hole, run.dirty) == (zero, hole, dirty):
+                run = run._replace(length=run.length + n)
+            else:
+                if run is not None:
+                    yield run
+                run = Extent(pos, n, zero, hole, dirty)
+            pos += n
+        if run is not None:
+            yield run
+
     def _submit_status(self, start, length):
         replies = {}
 
@@ -691,8 +718,13 @@ class Pool:
             raise errors.BadRequest(f"Invalid ticket: {e}") from None
         return cls(address, dirty=fields["dirty"])
 
+    def caps(self, h):
+        contexts = {"zero"} | ({"dirty"} if h.dirty_context in h.contexts else set())
+        return Caps(zero=h.can_zero, flush=h.can_flush, extents=frozenset(contexts),
+                    multi_conn=h.can_multi_conn, max_connections=self.limit, zero_copy=False)
+
     @contextlib.contextmanager
-    def handle(self):
+    def lend(self):
         """A connected Handle for one request; a handle that saw an error is closed, not reused."""
         h = self.acquire()
         try:
@@ -701,6 +733,8 @@ class Pool:
             self.release(h, reuse=False)
             raise
         self.release(h)
+
+    handle = lend   # until the handlers use lend()
 
     def acquire(self):
         while True:
