@@ -373,7 +373,7 @@ class Service:
                          b"Date: %s\r\nContent-Type: text/plain; charset=UTF-8\r\n"
                          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                          % (__version__.encode(), http.http_date(int(time.time())).encode(),
-                            len(body), body))
+                            len(body), b"" if head.startswith(b"HEAD ") else body))
             http._linger(sock)
         except (OSError, ValueError):
             pass

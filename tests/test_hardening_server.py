@@ -511,3 +511,16 @@ def test_request_head_is_at_most_64_kib(framing):
     # The request line limit stays 4096 (414).
     long_line = b"GET /images/" + b"t" * 5000 + b" HTTP/1.1\r\n\r\n"
     assert status_of(raw_exchange(framing.local_socket, long_line)) == 414
+
+
+def test_503_to_head_has_no_body(tmp_path, cert):
+    d = Daemon(str(tmp_path), *cert, args=["--max-connections", "1"])
+    try:
+        kept = d.local()
+        kept.request("OPTIONS", "/images/*")
+        kept.getresponse().read()
+        out = raw_exchange(d.local_socket, b"HEAD /images/t HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(out) == 503 and out.endswith(b"\r\n\r\n"), out
+        kept.close()
+    finally:
+        assert d.stop() == 0
