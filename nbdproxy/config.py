@@ -121,6 +121,9 @@ def check(values):
             raise ConfigError(f"{key}: must be >= 0")
     if not 1 <= values["initial_timeout"] <= 3600:
         raise ConfigError("initial_timeout: must be from 1 to 3600 seconds")
+    if values["local_socket"] == "@":
+        # bind() to an empty abstract name autobinds a random one, which no client could know.
+        raise ConfigError("local_socket: '@' needs a name after it, as in @/org/nbdproxy")
     if values["port"] != -1 and not values["no_tls"]:
         if not (values["cert_file"] and values["key_file"]):
             raise ConfigError("the TCP service needs cert_file and key_file for TLS "

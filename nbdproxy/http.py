@@ -24,8 +24,9 @@ from . import __version__, errors
 log = logging.getLogger("nbdproxy.http")
 
 MAX_REQUEST_LINE = 4096
-# Limits of the request head: 431 past them.
-MAX_HEADER_LINE = 65536
+# Limits of the request head, request line included: 431 past them. One bound on the whole head
+# keeps what a connection's head costs small (100 lines of 64 KiB each were about 20 MB).
+MAX_HEAD = 64 * 1024
 MAX_HEADERS = 100
 
 _VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
@@ -34,6 +35,8 @@ _TOKEN_BYTES = re.compile(_TOKEN.pattern.encode())
 # A CR, LF or NUL inside a value (a bare CR, an obs-fold continuation is caught as a bad name).
 _BAD_VALUE = re.compile(rb"[\r\n\0]")
 MAX_CHUNK_LINE = 1024
+# A chunk size is HEXDIG only (RFC 9112 7.1): int(x, 16) also takes "0x5", "+5", "0_5", "-0".
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 # Bodies smaller than this go out in the same send as the head.
 SMALL_BODY = 64 * 1024
@@ -61,6 +64,7 @@ class Body:
         self._expect_continue = expect_continue
         self.received = 0
         self.done = length == 0 and not chunked
+        self.gone = None        # why, when the client left before it could be answered
 
     @property
     def complete(self):
@@ -69,7 +73,12 @@ class Body:
     def _continue(self):
         if self._expect_continue:
             self._expect_continue = False
-            self._handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                self._handler.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except OSError as e:
+                # The client left without waiting for its answer: not a server error.
+                self.gone = f"the client left before 100 Continue: {e.strerror or e}"
+                raise errors.ClientGone(self.gone) from None
 
     def readinto(self, buf):
         """Read at most len(buf) bytes into buf; 0 at the end of the body."""
@@ -122,12 +131,9 @@ class Body:
     def _readinto_chunked(self, buf):
         if self._chunk_left == 0:
             size_field = self._readline().split(b";", 1)[0].strip()
-            try:
-                self._chunk_left = int(size_field, 16)
-            except ValueError:
-                raise errors.BadRequest(f"Invalid chunk size {size_field[:20]!r}") from None
-            if self._chunk_left < 0:
-                raise errors.BadRequest("Invalid chunk size")
+            if not _CHUNK_SIZE.fullmatch(size_field):
+                raise errors.BadRequest(f"Invalid chunk size {size_field[:20]!r}")
+            self._chunk_left = int(size_field, 16)
             if self._chunk_left == 0:
                 while self._readline():     # trailers, up to the empty line
                     pass
@@ -150,6 +156,7 @@ class Connection:
         self.service = service
         self.address = address
         self.tickets = set()
+        self.authorized = False     # a valid ticket was used: never closed to make room
         self.busy = False
         self.requests = 0
         self.bytes_in = 0
@@ -158,6 +165,7 @@ class Connection:
         self._buffer = None
 
     def use_ticket(self, ticket):
+        self.authorized = True
         if ticket not in self.tickets:
             self.tickets.add(ticket)
             ticket.add_connection(self)
@@ -271,8 +279,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(400, f"Bad request method ({command[:20]!r})")
             return False
         self.command, self.path, self.request_version = command, path, version
-        headers = self._read_headers()
+        headers = self._read_headers(MAX_HEAD - len(self.raw_requestline))
         if headers is None:
+            return False
+        if "transfer-encoding" in headers and "content-length" in headers:
+            # Two framings: which one a proxy in front used is unknown (request smuggling).
+            # RFC 9112 6.3 lets a server refuse it; the connection closes.
+            self.send_error(400, "Content-Length and Transfer-Encoding together")
             return False
         self.headers = headers
         connection = headers.get("connection", "").lower()
@@ -282,14 +295,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = False
         return True
 
-    def _read_headers(self):
-        """{lower-case name: value} of the header lines; None after sending the error."""
+    def _read_headers(self, budget):
+        """{lower-case name: value} of the header lines, at most budget bytes with the blank
+        line that ends them; None after sending the error."""
         headers = {}
         count = 0
         while True:
-            line = self.rfile.readline(MAX_HEADER_LINE + 1)
-            if len(line) > MAX_HEADER_LINE:
-                self.send_error(431, "Line too long")
+            line = self.rfile.readline(budget + 1)
+            budget -= len(line)
+            if budget < 0:
+                self.send_error(431, "Request head too large")
                 return None
             if line in (b"\r\n", b"\n"):
                 return headers
@@ -359,17 +374,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         body = environ["wsgi.input"]
         req = webob.Request(environ)
         resp = self.service.app.respond(req, self.connection_state)
-        if not body.complete:
-            resp.headers["Connection"] = "close"
-            self.linger = True
-        if resp.headers.get("Connection", "").lower() == "close":
-            self.close_connection = True
-        elif self.close_connection:
-            # The client asked to close (Connection: close, or HTTP/1.0 without keep-alive):
-            # say so in the answer, as RFC 9112 9.6 wants.
-            resp.headers["Connection"] = "close"
         self.connection_state.bytes_in += body.received
         try:
+            if body.gone:
+                # No one to answer: one line, and the connection closes.
+                log.info("client gone: %s", body.gone)
+                self.close_connection = True
+                close = getattr(resp.app_iter, "close", None)
+                if close is not None:
+                    close()
+                return
+            if not body.complete:
+                resp.headers["Connection"] = "close"
+                self.linger = True
+            if resp.headers.get("Connection", "").lower() == "close":
+                self.close_connection = True
+            elif self.close_connection:
+                # The client asked to close (Connection: close, or HTTP/1.0 without
+                # keep-alive): say so in the answer, as RFC 9112 9.6 wants.
+                resp.headers["Connection"] = "close"
             self._send(resp)
         finally:
             # webob caches parsed queries in environ, objects that point back to environ: a
@@ -440,9 +463,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
         reason = self.responses.get(code, ("Error",))[0]
         body = ((message or reason) + "\n").encode("utf-8", "replace")
         try:
+            # The answer to HEAD has the headers of the answer to GET, and never a body.
             self._write_head([f"HTTP/1.1 {code} {reason}\r\n{self._common_headers()}"
                               "Content-Type: text/plain; charset=UTF-8\r\n"
-                              f"Content-Length: {len(body)}\r\nConnection: close\r\n"], [body])
+                              f"Content-Length: {len(body)}\r\nConnection: close\r\n"],
+                             [] if self.command == "HEAD" else [body])
         except OSError:
             pass
 

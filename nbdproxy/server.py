@@ -5,6 +5,7 @@ import grp
 import itertools
 import logging
 import os
+import resource
 import selectors
 import signal
 import socket
@@ -28,9 +29,19 @@ INITIAL_TIMEOUT = 60
 MAX_REFUSING = 64
 REFUSE_TIMEOUT = 2
 
-# When max_connections is reached, a new connection takes the place of the oldest one that has
-# not sent the head of its first request this many seconds after it was accepted (slowloris).
+# When a service is at max_connections, a new connection takes the place of the one that has
+# gone longest without using a valid ticket, if it was accepted more than this many seconds ago:
+# neither half-sent requests (slowloris) nor cheap ticket-less ones (GET /info/, OPTIONS
+# /images/*, 404s) can lock the transfers out.
 PENDING_GRACE = 2
+
+# Control connections at once; more are closed at once (each costs a thread and a descriptor).
+MAX_CONTROL_CONNECTIONS = 16
+
+# While accept() fails for want of descriptors or memory, it is retried after a pause growing
+# from the first to the second (a listening socket stays readable: retrying at once spins).
+ACCEPT_BACKOFF = (0.05, 1.0)
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def _unix_listener(address, mode=None, group=None):
@@ -112,6 +123,17 @@ def _show(address):
     return "@" + address[1:] if address.startswith("\0") else address
 
 
+def raise_fd_limit():
+    """Raise the soft limit of open files to the hard one: systemd's default soft limit (1024)
+    is reached with about a hundred live tickets (up to 8 NBD sockets each)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log.warning("cannot raise the open file limit from %d to %d: %s", soft, hard, e)
+
+
 def tls_context(cert_file, key_file):
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -132,28 +154,29 @@ class _Slot:
         self.conn = None        # the http.Connection, once the TLS handshake is done
         self.evicted = False
 
-    def pending(self, now):
-        """Still without a whole first request head, PENDING_GRACE seconds after accept."""
+    def evictable(self, now):
+        """Has never used a valid ticket, and was accepted PENDING_GRACE seconds ago."""
         return (not self.evicted and now - self.since > PENDING_GRACE
-                and (self.conn is None or self.conn.requests == 0))
+                and (self.conn is None or not self.conn.authorized))
 
 
 class Limiter:
-    """max_connections over the data services (local and remote share one).
+    """max_connections of one service.
 
-    Full, it makes room by closing the oldest connection that is still pending (see
-    PENDING_GRACE): clients that send half a request and wait cannot lock everyone else out.
+    Full, it makes room by closing the oldest connection that has not used a valid ticket (see
+    PENDING_GRACE), if evict is on: clients without a ticket cannot lock the transfers out. The
+    closed connection's place goes to the new one directly, so that no other new connection
+    (a client without a ticket reconnecting at once) can take it first.
     """
 
-    def __init__(self, limit):
+    def __init__(self, limit, evict=True):
+        self.evicts = evict
         self._sem = threading.BoundedSemaphore(limit)
         self._lock = threading.Lock()
         self._slots = set()
 
-    def acquire(self, timeout=None):
-        if timeout is None:
-            return self._sem.acquire(blocking=False)
-        return self._sem.acquire(timeout=timeout)
+    def acquire(self):
+        return self._sem.acquire(blocking=False)
 
     def release(self):
         self._sem.release()
@@ -165,18 +188,23 @@ class Limiter:
         return slot
 
     def untrack(self, slot):
-        """Called before the socket is closed, so that evict() never touches a reused fd."""
+        """Called before the socket is closed, so that evict() never touches a reused fd.
+        True when the place was handed to another connection: then it is not released."""
         with self._lock:
             self._slots.discard(slot)
+            return slot.evicted
 
     def evict(self):
-        """Shut down the oldest pending connection; False if there is none."""
+        """Shut down the oldest connection without a ticket, whose place the caller then holds;
+        False if there is none."""
+        if not self.evicts:
+            return False
         now = time.monotonic()
         with self._lock:
-            pending = [slot for slot in self._slots if slot.pending(now)]
-            if not pending:
+            candidates = [slot for slot in self._slots if slot.evictable(now)]
+            if not candidates:
                 return False
-            victim = min(pending, key=lambda slot: slot.since)
+            victim = min(candidates, key=lambda slot: slot.since)
             victim.evicted = True
             try:
                 # A duplicate of the fd: shutdown() acts on the socket the owner thread uses.
@@ -184,7 +212,7 @@ class Limiter:
                     dup.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        log.warning("closing a connection that sent no request head in %.1f s, to make room",
+        log.warning("closing a connection that used no ticket in %.1f s, to make room",
                     now - victim.since)
         return True
 
@@ -195,12 +223,14 @@ class Service:
     # Socket timeout until a ticket sets its inactivity_timeout (config initial_timeout).
     initial_timeout = INITIAL_TIMEOUT
 
-    def __init__(self, name, sock, app, tls=None, limiter=None):
+    def __init__(self, name, sock, app, tls=None, limiter=None, answer_refused=True):
         self.name = name
         self.sock = sock
         self.app = app
         self.tls = tls
         self.limiter = limiter
+        # Over the limit: a 503 (data services), or closed at once (control).
+        self.answer_refused = answer_refused
         self.stopping = False
         self.connections = set()
         self.connection_ids = itertools.count(1)
@@ -218,44 +248,51 @@ class Service:
         self._thread.start()
 
     def _accept_loop(self):
-        with selectors.DefaultSelector() as sel:
+        delay = 0
+        with selectors.DefaultSelector() as sel, selectors.DefaultSelector() as pause:
             sel.register(self.sock, selectors.EVENT_READ)
             sel.register(self._wake_r, selectors.EVENT_READ)
+            pause.register(self._wake_r, selectors.EVENT_READ)
             while not self.stopping:
+                if delay:
+                    pause.select(delay)     # only stop() ends the pause early
                 for key, _ in sel.select():
                     if key.fileobj is self.sock and not self.stopping:
-                        self._accept()
+                        delay = self._accept(delay)
 
-    def _accept(self):
+    def _accept(self, delay):
+        """Accept one connection; the pause before the next accept (0: none)."""
         try:
             sock, address = self.sock.accept()
         except OSError as e:
+            if e.errno in _OUT_OF_RESOURCES:
+                # Out of descriptors: the connection waits in the backlog until some close.
+                if not delay:
+                    log.error("%s: accept failed: %s; retrying at most every %g s until it "
+                              "works", self.name, e.strerror or e, ACCEPT_BACKOFF[1])
+                return min(max(delay * 2, ACCEPT_BACKOFF[0]), ACCEPT_BACKOFF[1])
             if e.errno not in (errno.EAGAIN, errno.ECONNABORTED):
                 log.warning("%s: accept failed: %s", self.name, e)
-            return
+            return delay
+        if delay:
+            log.info("%s: accepting connections again", self.name)
         if self.limiter is not None and not self.limiter.acquire():
             if self.limiter.evict():
-                # The evicted connection's thread gives its place back in a moment.
-                threading.Thread(target=self._serve, args=(sock, address, True), daemon=True,
+                threading.Thread(target=self._serve, args=(sock, address), daemon=True,
                                  name=f"{self.name}-conn").start()
-                return
+                return 0
             log.warning("%s: too many connections, refusing one", self.name)
-            if self._refusing.acquire(blocking=False):
+            if self.answer_refused and self._refusing.acquire(blocking=False):
                 threading.Thread(target=self._refuse, args=(sock,), daemon=True,
                                  name=f"{self.name}-refuse").start()
             else:
                 sock.close()
-            return
+            return 0
         threading.Thread(target=self._serve, args=(sock, address), daemon=True,
                          name=f"{self.name}-conn").start()
+        return 0
 
-    def _serve(self, sock, address, wait_for_room=False):
-        if wait_for_room and not self.limiter.acquire(timeout=REFUSE_TIMEOUT):
-            if self._refusing.acquire(blocking=False):
-                self._refuse(sock)
-            else:
-                sock.close()
-            return
+    def _serve(self, sock, address):
         slot = self.limiter.track(sock) if self.limiter is not None else None
         conn = None
         try:
@@ -284,13 +321,12 @@ class Service:
                 if self.app.metrics is not None:
                     self.app.metrics.connection(-1)
                 conn.close()
-            if slot is not None:
-                self.limiter.untrack(slot)
+            handed_over = slot is not None and self.limiter.untrack(slot)
             try:
                 sock.close()
             except OSError:
                 pass
-            if self.limiter is not None:
+            if self.limiter is not None and not handed_over:
                 self.limiter.release()
 
     def stop_accepting(self):
@@ -337,7 +373,7 @@ class Service:
                          b"Date: %s\r\nContent-Type: text/plain; charset=UTF-8\r\n"
                          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                          % (__version__.encode(), http.http_date(int(time.time())).encode(),
-                            len(body), body))
+                            len(body), b"" if head.startswith(b"HEAD ") else body))
             http._linger(sock)
         except (OSError, ValueError):
             pass
@@ -355,8 +391,12 @@ class Server:
         self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics)
         self.metrics.registry = self.registry
         self.services = []
-        self._stop = threading.Event()
         self.idle_closer = nbd_backend.IdleCloser()
+        # Signal handlers only note the signal and write to a pipe, which takes no lock (a
+        # handler may run while the main thread holds one); serve() acts on them.
+        self._signals = []
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)    # a full pipe already wakes serve()
 
     def _open_backend(self, fields):
         pool = nbd_backend.Pool.for_ticket(fields)
@@ -372,6 +412,7 @@ class Server:
     def bind(self):
         """Bind every configured service; ConfigError (after closing what was bound) on failure."""
         cfg = self.config
+        raise_fd_limit()
         try:
             # The certificate first: a bad one fails before any socket is made.
             tls = None
@@ -385,18 +426,21 @@ class Server:
                     raise ConfigError(f"no such group {cfg.control_group!r}") from None
             control = _unix_listener(cfg.control_socket, 0o660 if group is not None else 0o600,
                                      group)
-            self.services.append(Service("control", control, App("control", self.registry,
-                                                                 metrics=self.metrics)))
-            limiter = Limiter(cfg.max_connections)
+            self.services.append(Service("control", control,
+                                         App("control", self.registry, metrics=self.metrics),
+                                         limiter=Limiter(MAX_CONTROL_CONNECTIONS, evict=False),
+                                         answer_refused=False))
+            # Each data service has max_connections of its own: a flood on the network does
+            # not lock out the local clients.
             local = cfg.local_address
             if local:
                 sock = _unix_listener(local, 0o660)
                 self.services.append(Service("local", sock, self._data_app("local"),
-                                             limiter=limiter))
+                                             limiter=Limiter(cfg.max_connections)))
             if cfg.port != -1:
                 sock = _tcp_listener(cfg.host, cfg.port)
                 self.services.append(Service("remote", sock, self._data_app("remote"), tls,
-                                             limiter=limiter))
+                                             limiter=Limiter(cfg.max_connections)))
         except BaseException:
             for service in self.services:
                 _close_listener(service.sock)
@@ -424,15 +468,57 @@ class Server:
             service.initial_timeout = getattr(self.config, "initial_timeout", INITIAL_TIMEOUT)
             service.start()
         log.info("nbdproxy ready %s", self.describe())
-        self._stop.wait()
+        while self._handle_signals():
+            os.read(self._wake_r, 64)
         self.shutdown()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
     def stop(self, *_):
-        self._stop.set()
+        self._note_signal(signal.SIGTERM, None)
 
     def install_signal_handlers(self):
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
+        # SIGHUP, SIGUSR1 and SIGUSR2 too: their default action would kill the daemon
+        # mid-transfer, leaving socket files behind.
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                    signal.SIGUSR2):
+            signal.signal(sig, self._note_signal)
+
+    def _note_signal(self, signum, _frame):
+        self._signals.append(signum)
+        try:
+            os.write(self._wake_w, b"s")
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self):
+        """Act on the signals noted; False when one of them asks to stop."""
+        while self._signals:
+            signum = self._signals.pop(0)
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                return False
+            if signum == signal.SIGHUP:
+                self.reload_tls()
+            else:
+                log.info("ignoring %s", signal.Signals(signum).name)
+        return True
+
+    def reload_tls(self):
+        """SIGHUP: load the certificate and key files again, for the connections to come (those
+        open keep theirs). A pair that cannot be loaded leaves the old one in use."""
+        remote = [s for s in self.services if s.tls is not None]
+        if not remote:
+            log.info("SIGHUP: no TLS certificate to reload (other settings need a restart)")
+            return
+        try:
+            ctx = tls_context(self.config.cert_file, self.config.key_file)
+        except ConfigError as e:
+            log.error("SIGHUP: keeping the current certificate: %s", e)
+            return
+        for service in remote:
+            service.tls = ctx       # read once per new connection
+        log.info("SIGHUP: reloaded certificate %s and key %s (other settings need a restart)",
+                 self.config.cert_file, self.config.key_file)
 
     def shutdown(self):
         """No new connections; idle ones close; running requests get stop_timeout to finish."""

@@ -608,7 +608,9 @@ def test_max_connections(tmp_path, serve):
     assert s.stop() == 0
 
 
-def test_max_connections_counts_tcp_too(tmp_path, serve):
+def test_max_connections_per_service(tmp_path, serve):
+    """The local socket and the TCP service each have max_connections of their own (issue 12,
+    item 2): a full TCP service does not lock out the local clients, nor the other way."""
     local = str(tmp_path / "local.sock")
     s = serve(base_args(tmp_path, **{"--local-socket": local, "--port": "0",
                                      "--host": "127.0.0.1"})
@@ -616,11 +618,17 @@ def test_max_connections_counts_tcp_too(tmp_path, serve):
     port = int(re.search(r"remote=http://127\.0\.0\.1:(\d+)", s.ready_line)[1])
     import http.client
     tcp = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    kept = UnixHTTPConnection(local)
     try:
         assert response(tcp, "GET", "/info/").status == 200
+        assert response(kept, "OPTIONS", "/images/*").status == 200
+        # Each service is full now: a second connection to either gets 503.
         assert request(UnixHTTPConnection(local), "OPTIONS", "/images/*")[0] == 503
+        other = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        assert request(other, "GET", "/info/")[0] == 503
     finally:
         tcp.close()
+        kept.close()
     assert s.stop() == 0
 
 
@@ -818,8 +826,8 @@ def test_max_connections_tls(tmp_path, cert):
     """Over TLS the 503 comes after the handshake, so an HTTPS client can read it."""
     d = Daemon(str(tmp_path), *cert, args=["--max-connections", "1"])
     try:
-        kept = d.local()
-        assert response(kept, "OPTIONS", "/images/*").status == 200
+        kept = d.remote()
+        assert response(kept, "GET", "/info/").status == 200
         resp = response(d.remote(), "PUT", "/images/x", b"y" * 100000)
         assert resp.status == 503
         assert resp.data == b"Too many connections\n"
