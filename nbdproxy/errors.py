@@ -41,6 +41,10 @@ class Canceled(Forbidden):
     """The ticket was canceled while the request was running."""
 
 
+class ServiceUnavailable(Error):
+    """The daemon lacks a shared resource for the request now, e.g. checksum memory (503)."""
+
+
 class BackendError(Error):
     """The NBD server failed or could not be reached (500; the cause goes to the log)."""
 
