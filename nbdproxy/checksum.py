@@ -44,10 +44,12 @@ def get(ctx, req, ticket_id):
     algorithm, block_size = _params(req)
     ticket = authorize(ctx, ticket_id, "read")
     budget = ctx.checksum_budget or Budget(None)
+    # A buffer per hashing thread and one for reading; no more than the image has blocks.
+    wanted = max(1, min(HASH_THREADS + 1, -(-ticket.size // block_size)))
     with ticket.running("checksum") as operation:
         check = Watch(ctx, operation)
         # The memory first: a request waiting for it holds no NBD connection.
-        with budget.reserve(block_size, HASH_THREADS + 1, ticket.inactivity_timeout or None,
+        with budget.reserve(block_size, wanted, ticket.inactivity_timeout or None,
                             check) as buffers, ticket.backend.handle() as h:
             zero = ((start, length) for start, length, (is_zero, _) in
                     iterate(h, "zero", 0, h.size, check) if is_zero)

@@ -174,6 +174,33 @@ def test_checksum_waits_for_memory_then_503(tmp_path, cert):
         small.stop()
 
 
+def test_budget_grants_and_waits():
+    """Budget hands out what is free (at least one unit), then makes the next request wait
+    until its timeout, and a waiting request stops when its check() raises."""
+    from nbdproxy import errors
+    from nbdproxy.checksum import Budget
+
+    budget = Budget(4 * MiB)
+    with budget.reserve(MiB, 3, None, lambda: None) as a:
+        assert a == 3
+        with budget.reserve(MiB, 5, None, lambda: None) as b:
+            assert b == 1
+            t0 = time.monotonic()
+            with pytest.raises(errors.ServiceUnavailable):
+                with budget.reserve(MiB, 1, 0.2, lambda: None):
+                    pass
+            assert 0.2 <= time.monotonic() - t0 < 1
+
+            def canceled():
+                raise errors.Canceled("Transfer was canceled")
+
+            with pytest.raises(errors.Canceled):
+                with budget.reserve(MiB, 1, None, canceled):
+                    pass
+    with budget.reserve(MiB, 8, 0, lambda: None) as c:
+        assert c == 4
+
+
 # 5. Requests that stop after a cancel or a departed client
 
 def test_delete_during_checksum_of_sparse_image(tmp_path, cert):
