@@ -70,6 +70,7 @@ class Context:
         self.buffer_size = app.buffer_size
         self.local_socket = app.local_socket
         self.metrics = app.metrics
+        self.checksum_budget = app.checksum_budget
         self.connection = connection
 
 
@@ -92,12 +93,14 @@ class App:
     """A WSGI application for one service: "local" and "remote" data, or "control"."""
 
     def __init__(self, service, registry, buffer_size=8 * 1024**2, local_socket=None,
-                 metrics=None):
+                 metrics=None, checksum_budget=None):
         self.service = service
         self.registry = registry
         self.buffer_size = buffer_size
         self.local_socket = local_socket
         self.metrics = metrics
+        # The daemon-wide checksum.Budget; None (an app without the server): no limit.
+        self.checksum_budget = checksum_budget
 
     def respond(self, req, connection=None):
         ctx = Context(self, connection or NoConnection())

@@ -4,12 +4,13 @@ Each block of block_size is hashed (the last may be short); the digests are hash
 the same algorithm. Blocks inside zero extents use a precomputed digest and are not read; other
 blocks are read from their first data byte to their last. Blocks are hashed on HASH_THREADS
 threads, since hashing, not reading, bounds a checksum (hashlib lets go of the GIL while it
-hashes); each thread and the reader have a buffer of one block.
+hashes); each thread and the reader have a buffer of one block, an anonymous mmap.
 """
 
 import collections
 import concurrent.futures
 import hashlib
+import mmap
 import os
 
 ALGORITHM = "blake2b"
@@ -57,39 +58,72 @@ def data_spans(size, zero_extents, block_size):
 
 
 def compute(size, readinto, zero_extents, algorithm=ALGORITHM, block_size=BLOCK_SIZE,
-            check=None, threads=HASH_THREADS):
+            check=None, threads=HASH_THREADS, buffers=None):
     """The hex block hash of an image of size bytes.
 
     readinto(view, offset) fills view with the image's bytes from offset; zero_extents are the
     (start, length) ranges known to read as zeros, in order; check() runs after each block read
-    (to stop a canceled request).
+    and now and then over runs of zero blocks (to stop a canceled request). buffers (default
+    threads + 1, at least 1) is how many blocks may be in memory at once.
     """
-    new = hasher(algorithm)
-    with concurrent.futures.ThreadPoolExecutor(threads, "blkhash") as pool:
-        blocks = _Blocks(new, size, block_size, pool, threads + 1)
-        try:
-            for index, start, end in data_spans(size, zero_extents, block_size):
-                buf = blocks.open(index)
-                base = index * block_size
-                readinto(buf[start - base:end - base], start)
-                blocks.close(start - base, end - base)
-                if check is not None:
-                    check()
-            return blocks.finish()
-        finally:
-            blocks.cancel()
+    if buffers is None:
+        buffers = threads + 1
+    threads = max(1, min(threads, buffers - 1))
+    blocks = _Blocks(hasher(algorithm), size, block_size, buffers, check or (lambda: None))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads, "blkhash") as pool:
+            blocks.pool = pool
+            try:
+                for index, start, end in data_spans(size, zero_extents, block_size):
+                    buf = blocks.open(index)
+                    base = index * block_size
+                    readinto(buf[start - base:end - base], start)
+                    blocks.close(start - base, end - base)
+                    blocks.check()
+                return blocks.finish()
+            finally:
+                blocks.cancel()
+    finally:
+        # After the pool's threads ended: no hash still reads a buffer.
+        blocks.free_buffers()
+
+
+def _zero_digest(new, n):
+    """The digest of n zero bytes, hashed from a small zero buffer: no n-byte allocation."""
+    h = new()
+    for _ in range(n // len(_ZEROS)):
+        h.update(_ZEROS)
+    h.update(_ZEROS[:n % len(_ZEROS)])
+    return h.digest()
+
+
+def _fill_zero(view):
+    for i in range(0, len(view), len(_ZEROS)):
+        n = min(len(_ZEROS), len(view) - i)
+        view[i:i + n] = _ZEROS[:n]
+
+
+# Zeros to hash and copy from; immutable.
+_ZEROS = memoryview(bytes(1024**2))
+# Zero-block digests hashed between two calls of check(): about 5 ms.
+_ZERO_RUN_CHECK = 16384
 
 
 class _Blocks:
     """Block digests in block order: a block with data is read into a buffer of its own (zeros
-    around its data) and hashed by the pool while the next ones are read."""
+    around its data) and hashed by the pool while the next ones are read.
 
-    def __init__(self, new, size, block_size, pool, buffers):
-        self.new, self.size, self.block_size, self.pool = new, size, block_size, pool
+    The buffers are anonymous mmaps, unmapped by free_buffers(): the memory goes back to the
+    system at once instead of staying in the allocator's arenas.
+    """
+
+    def __init__(self, new, size, block_size, buffers, check):
+        self.new, self.size, self.block_size, self.check = new, size, block_size, check
+        self.pool = None
         self.outer = new()
-        self.zero_digest = new(bytes(block_size)).digest()
-        self.zeros = memoryview(bytes(block_size))
-        self.free = [memoryview(bytearray(block_size)) for _ in range(buffers)]
+        self.zero_digest = _zero_digest(new, block_size)
+        self.maps = [mmap.mmap(-1, block_size) for _ in range(buffers)]
+        self.free = [memoryview(m) for m in self.maps]
         # In block order: (future of a data block's digest, its buffer, None, 1) or
         # (None, None, the digest of count zero blocks, count).
         self.pending = collections.deque()
@@ -108,8 +142,8 @@ class _Blocks:
         """The block's data is in its buffer at [start, end): zero the rest, hash it."""
         n = min(self.block_size, self.size - self.next * self.block_size)
         buf = self.buf
-        buf[:start] = self.zeros[:start]
-        buf[end:n] = self.zeros[:n - end]
+        _fill_zero(buf[:start])
+        _fill_zero(buf[end:n])
         view = buf[:n]
         self.pending.append((self.pool.submit(lambda: self.new(view).digest()), buf, None, 1))
         self.next += 1
@@ -126,6 +160,26 @@ class _Blocks:
             if future is not None:
                 future.cancel()
 
+    def free_buffers(self):
+        """Unmap the buffers; one still exported (a read that failed and still holds a view of
+        it) is unmapped by the garbage collector when its last view goes."""
+        views = self.free + [buf for _, buf, _, _ in self.pending if buf is not None]
+        if self.buf is not None:
+            views.append(self.buf)
+        self.free, self.buf = [], None
+        self.pending.clear()
+        for view in views:
+            try:
+                view.release()
+            except BufferError:
+                pass
+        maps, self.maps = self.maps, []
+        for m in maps:
+            try:
+                m.close()
+            except BufferError:
+                pass
+
     def _zero_blocks_until(self, index):
         """Blocks next..index-1 have no data: their digest is known (the last may be short)."""
         if index <= self.next:
@@ -135,7 +189,7 @@ class _Blocks:
             self.pending.append((None, None, self.zero_digest, whole))
         if index * self.block_size > self.size:
             short = self.size % self.block_size
-            self.pending.append((None, None, self.new(bytes(short)).digest(), 1))
+            self.pending.append((None, None, _zero_digest(self.new, short), 1))
         self.next = index
 
     def _collect(self):
@@ -145,5 +199,11 @@ class _Blocks:
             self.outer.update(future.result())
             self.free.append(buf)
             return
-        for _ in range(count):
-            self.outer.update(digest)
+        # A terabyte of zeros is a million digests: a canceled request must not wait for them.
+        while count > 0:
+            n = min(count, _ZERO_RUN_CHECK)
+            for _ in range(n):
+                self.outer.update(digest)
+            count -= n
+            if count:
+                self.check()

@@ -1,15 +1,20 @@
 """Handlers of /images/{ticket}/checksum and /checksum/algorithms: the block hash of API.md 4c.
 
 Each block of block_size is hashed; the digests are hashed in order. Blocks that block status
-reports as zero use a precomputed digest and are not read.
+reports as zero use a precomputed digest and are not read. The block buffers of all checksums
+come from one Budget, the daemon's checksum_memory.
 """
 
+import collections
+import contextlib
 import hashlib
+import threading
+import time
 
 from . import blkhash, errors
-from .blkhash import ALGORITHM, BLOCK_SIZE
+from .blkhash import ALGORITHM, BLOCK_SIZE, HASH_THREADS
 from .extents import iterate
-from .images import authorize, json_response
+from .images import Watch, authorize, json_response
 
 MIN_BLOCK = 1024**2
 MAX_BLOCK = 16 * 1024**2
@@ -38,10 +43,72 @@ def _params(req):
 def get(ctx, req, ticket_id):
     algorithm, block_size = _params(req)
     ticket = authorize(ctx, ticket_id, "read")
-    with ticket.backend.handle() as h, ticket.running("checksum") as operation:
-        size = min(ticket.size, h.size)     # what the ticket grants (API.md 4c)
-        zero = ((start, length) for start, length, (is_zero, _) in
-                iterate(h, "zero", 0, size) if is_zero)
-        digest = blkhash.compute(size, h.read_into, zero, algorithm, block_size,
-                                 operation.check)
+    budget = ctx.checksum_budget or Budget(None)
+    # A buffer per hashing thread and one for reading; no more than the image has blocks.
+    wanted = max(1, min(HASH_THREADS + 1, -(-ticket.size // block_size)))
+    with ticket.running("checksum") as operation:
+        check = Watch(ctx, operation)
+        # The memory first: a request waiting for it holds no NBD connection.
+        with budget.reserve(block_size, wanted, ticket.inactivity_timeout or None,
+                            check) as buffers, ticket.backend.handle() as h:
+            size = min(ticket.size, h.size)     # what the ticket grants (API.md 4c)
+            zero = ((start, length) for start, length, (is_zero, _) in
+                    iterate(h, "zero", 0, size, check) if is_zero)
+            digest = blkhash.compute(size, h.read_into, zero, algorithm, block_size, check,
+                                     buffers=buffers)
     return json_response({"algorithm": algorithm, "block_size": block_size, "checksum": digest})
+
+
+class Budget:
+    """Memory for the block buffers of checksums, shared by all of the daemon's requests.
+
+    A checksum takes from one block to the blocks it can use; when not even one block is free
+    it waits, first come first served, up to its timeout (then ServiceUnavailable).
+    """
+
+    # How often a waiting request looks at its ticket and its client.
+    CHECK_INTERVAL = 0.5
+
+    def __init__(self, size):
+        self.size = size            # bytes; None: no limit
+        self._free = size
+        self._cond = threading.Condition()
+        self._waiting = collections.deque()
+
+    @contextlib.contextmanager
+    def reserve(self, unit, most, timeout, check):
+        """Hold n units (1 <= n <= most) for the with block; n is its value."""
+        if self.size is None:
+            yield most
+            return
+        n = self._take(unit, most, timeout, check)
+        try:
+            yield n
+        finally:
+            with self._cond:
+                self._free += n * unit
+                self._cond.notify_all()
+
+    def _take(self, unit, most, timeout, check):
+        if unit > self.size:
+            raise errors.ServiceUnavailable(f"A checksum block of {unit} bytes is more than "
+                                            f"checksum_memory, {self.size}")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        me = object()
+        with self._cond:
+            self._waiting.append(me)
+            try:
+                while self._waiting[0] is not me or self._free < unit:
+                    left = self.CHECK_INTERVAL if deadline is None else \
+                        deadline - time.monotonic()
+                    if left <= 0:
+                        raise errors.ServiceUnavailable(
+                            "Checksum memory is in use by other requests; try again later")
+                    self._cond.wait(min(left, self.CHECK_INTERVAL))
+                    check()
+                n = min(most, self._free // unit)
+                self._free -= n * unit
+                return n
+            finally:
+                self._waiting.remove(me)
+                self._cond.notify_all()

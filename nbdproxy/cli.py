@@ -65,6 +65,9 @@ def build_parser():
     serve.add_argument("--stop-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--initial-timeout", type=int, metavar="SECONDS",
                        help="idle timeout of a connection before it uses a ticket (default 60)")
+    serve.add_argument("--checksum-memory", type=int, metavar="BYTES",
+                       help="memory for the block buffers of all checksums at once "
+                            "(default 256 MiB, at least 16 MiB)")
     serve.set_defaults(run=run_serve)
 
     ticket = sub.add_parser("ticket", help="manage tickets of a running daemon")

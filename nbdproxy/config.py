@@ -32,6 +32,7 @@ SETTINGS = {
     "remove_timeout": (int, 60),
     "stop_timeout": (int, 30),
     "initial_timeout": (int, 60),
+    "checksum_memory": (int, 256 * 1024**2),
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -119,6 +120,9 @@ def check(values):
                 "nbd_connect_timeout"):
         if values[key] < 0:
             raise ConfigError(f"{key}: must be >= 0")
+    if values["checksum_memory"] < 16 * 1024**2:
+        # Less could never hold one block of the largest block_size a checksum may ask for.
+        raise ConfigError(f"checksum_memory: {values['checksum_memory']} must be at least 16 MiB")
     if not 1 <= values["initial_timeout"] <= 3600:
         raise ConfigError("initial_timeout: must be from 1 to 3600 seconds")
     if values["local_socket"] == "@":

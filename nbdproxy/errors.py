@@ -38,7 +38,8 @@ class RangeNotSatisfiable(Error):
 
 
 class ServiceUnavailable(Error):
-    """The daemon or the NBD server cannot take the request now (503)."""
+    """The request cannot be served now: the NBD server does not answer, or the daemon lacks a
+    shared resource such as checksum memory (503)."""
 
 
 class Canceled(Forbidden):

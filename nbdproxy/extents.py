@@ -8,7 +8,7 @@ import webob
 
 from . import errors
 from .backends.nbd import ALLOCATION, DEPTH
-from .images import Stream, authorize, json_response
+from .images import Stream, Watch, authorize, json_response
 
 CONTEXTS = ("zero", "dirty")
 
@@ -28,11 +28,14 @@ def _dirty_flags(flags, bitmap):
     return (dirty, zero)
 
 
-def iterate(h, context, start, length):
-    """Yield (start, length, flags) with neighbours of equal flags merged."""
+def iterate(h, context, start, length, check=None):
+    """Yield (start, length, flags) with neighbours of equal flags merged; check() runs for
+    each run block status gives (to stop a canceled request during a long walk)."""
     flags_of = _dirty_flags if context == "dirty" else _zero_flags
     cur_start, cur_len, cur_flags = start, 0, None
     for n, raw in h.block_status(start, length):
+        if check is not None:
+            check()
         flags = flags_of(raw, h.dirty_context)
         if flags == cur_flags:
             cur_len += n
@@ -82,7 +85,8 @@ def get(ctx, req, ticket_id):
         # Nothing past the ticket is described (API.md 4b).
         start, length = _window(req, min(ticket.size, h.size))
         operation = ticket.start("extents", start, 0)
-        extents = iterate(h, context, start, length)
+        check = Watch(ctx, operation)
+        extents = iterate(h, context, start, length, check)
         first = list(itertools.islice(extents, MAX_BUFFERED))
     except BaseException:
         pool.release(h, reuse=False)
@@ -93,7 +97,8 @@ def get(ctx, req, ticket_id):
         pool.release(h)
         ticket.finish(operation, True)
         return json_response([_as_dict(context, e) for e in first])
-    # A large map goes out as it is computed (chunked), never held whole.
+    # A large map goes out as it is computed (chunked), never held whole; it stops at a cancel.
+    check.streaming()
     resp = webob.Response(status=200, content_type="application/json", charset=None)
     resp.app_iter = Stream(ticket, h, operation, _json_array(context, first, extents))
     return resp

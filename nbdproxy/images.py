@@ -2,6 +2,8 @@
 
 import json
 import re
+import select
+import time
 
 import webob
 
@@ -17,6 +19,9 @@ _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,1000})-([0-9]{1,1000}|\*)/([0-9]{1,
 
 # A PATCH body is a small JSON object; anything larger is not one of ours.
 MAX_PATCH_BODY = 64 * 1024
+
+# How often a long request looks whether its client left (a poll(2) each time).
+CLIENT_CHECK_INTERVAL = 0.5
 
 
 def json_response(obj, status=200, **headers):
@@ -41,6 +46,37 @@ def authorize(ctx, ticket_id, op):
     ticket = ctx.registry.authorize(ticket_id, op)
     ctx.connection.use_ticket(ticket)
     return ticket
+
+
+class Watch:
+    """check() for a request that may run long without using its client's socket (checksum,
+    zero, an extents walk): Canceled once the ticket is canceled, ClientGone once the client
+    has closed the connection.
+
+    The socket is polled at most every CLIENT_CHECK_INTERVAL, the first time that long after
+    the start, so that short requests make no system call. A client that half-closes and
+    waits for the answer to such a long request is taken for gone, as nginx takes it.
+    """
+
+    def __init__(self, ctx, operation):
+        self.operation = operation
+        self._next = time.monotonic() + CLIENT_CHECK_INTERVAL
+        self._poll = None
+        sock = getattr(ctx.connection, "sock", None)
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), select.POLLRDHUP)   # and HUP, ERR, NVAL
+
+    def __call__(self):
+        self.operation.check()
+        if self._poll is not None and time.monotonic() >= self._next:
+            self._next = time.monotonic() + CLIENT_CHECK_INTERVAL
+            if self._poll.poll(0):
+                raise errors.ClientGone("the client closed the connection")
+
+    def streaming(self):
+        """The response body is going out: its writes find a client that left."""
+        self._poll = None
 
 
 # OPTIONS
@@ -243,8 +279,10 @@ def put(ctx, req, ticket_id):
             _check_write_range(offset, length, h.size)
         with ticket.running("write", offset, length or 0) as operation:
             body = req.environ["wsgi.input"]
+            # A client that leaves is found by reading its body; a cancel by check().
             h.write(body.readinto, ctx.connection.buffer(ctx.buffer_size), offset, length,
-                    operation.progress, min(ticket.size, h.size), punch_hole=ticket.sparse)
+                    operation.progress, min(ticket.size, h.size), punch_hole=ticket.sparse,
+                    check=operation.check)
             if flush:
                 ticket.backend.flush(h)
     return empty_response(200)
@@ -300,8 +338,10 @@ def _zero(ctx, ticket_id, offset, size, flush):
     with ticket.backend.handle() as h:
         _check_write_range(offset, size, ticket.size, h.size)
         with ticket.running("zero", offset, size) as operation:
+            check = Watch(ctx, operation)
             for n in h.zero(offset, size, ticket.sparse, ctx.connection.buffer(ctx.buffer_size)):
                 operation.progress(n)
+                check()
             if flush:
                 ticket.backend.flush(h)
     return empty_response(200)

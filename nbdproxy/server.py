@@ -14,7 +14,7 @@ import stat
 import threading
 import time
 
-from . import __version__, http, metrics, tickets
+from . import __version__, checksum, http, metrics, tickets
 from .app import App
 from .backends import nbd as nbd_backend
 from .errors import ConfigError
@@ -390,6 +390,8 @@ class Server:
         self.metrics = metrics.Metrics()
         self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics)
         self.metrics.registry = self.registry
+        # One budget for the checksum buffers of both data services.
+        self.checksum_budget = checksum.Budget(config.checksum_memory)
         self.services = []
         self.idle_closer = nbd_backend.IdleCloser()
         # Signal handlers only note the signal and write to a pipe, which takes no lock (a
@@ -448,7 +450,7 @@ class Server:
 
     def _data_app(self, name):
         return App(name, self.registry, self.config.buffer_size, self.config.local_address,
-                   self.metrics)
+                   self.metrics, self.checksum_budget)
 
     def describe(self):
         parts = []

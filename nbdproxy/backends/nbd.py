@@ -282,13 +282,16 @@ class Handle:
         finally:
             self._drain(inflight)
 
-    def write(self, readinto, buf, offset, length, on_written, limit, punch_hole=False):
+    def write(self, readinto, buf, offset, length, on_written, limit, punch_hole=False,
+              check=None):
         """Write what readinto(view) gives at offset: length bytes, or until it returns 0 when
         length is None (a chunked body). Pieces that are all zeros become WRITE_ZEROES.
 
         on_written(n) is called as each piece is acknowledged by the server. Nothing is written
-        past limit: RangeNotSatisfiable(limit) instead.
+        past limit: RangeNotSatisfiable(limit) instead. check() runs before each piece is read
+        and again before it is sent: once it raises (a cancel), no new piece starts.
         """
+        check = check or (lambda: None)
         slots, piece = self._slots(buf)
         zero_flags = 0 if punch_hole else nbd.CMD_FLAG_NO_HOLE
         if length is not None and offset + length > limit:
@@ -296,6 +299,7 @@ class Handle:
                                              f"end of the image, {limit}", limit)
         if length is not None and length <= piece:
             if length:
+                check()
                 self._write_one(readinto, slots[0][:length], offset, zero_flags)
                 on_written(length)
                 self.written(length)
@@ -312,6 +316,7 @@ class Handle:
         try:
             while True:
                 if idle and (end is None or pos < end):
+                    check()
                     slot = idle.pop()
                     want = piece if end is None else min(piece, end - pos)
                     n = _read_fully(readinto, slot[:want], exact=end is not None)
@@ -322,6 +327,7 @@ class Handle:
                     if pos + n > limit:
                         raise errors.RangeNotSatisfiable(
                             f"The body passes the end of the image, {limit}", limit)
+                    check()     # reading a slow body may have taken long
                     work.put((slot, n, pos, _is_zero(slot[:n])))
                     pos += n
                     busy += 1
