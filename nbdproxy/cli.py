@@ -83,14 +83,14 @@ def build_parser():
     add.add_argument("--dirty", action="store_true")
     add.add_argument("--filename")
     add.add_argument("--transfer-id")
-    add.add_argument("--id", help="ticket id (default: a new uuid)")
+    add.add_argument("--id", type=ticket_id, help="ticket id (default: a new uuid)")
     add.set_defaults(run=run_ticket_add)
     for name, helptext in (("show", "print a ticket"), ("delete", "cancel and remove a ticket")):
         p = tsub.add_parser(name, help=helptext)
-        p.add_argument("id")
+        p.add_argument("id", type=ticket_id)
         p.set_defaults(run=run_ticket_action, action=name)
     p = tsub.add_parser("extend", help="set a ticket's expiry to now + SECONDS")
-    p.add_argument("id")
+    p.add_argument("id", type=ticket_id)
     p.add_argument("seconds", type=int)
     p.set_defaults(run=run_ticket_action, action="extend")
     p = tsub.add_parser("list", help="print all tickets")
@@ -102,6 +102,30 @@ def build_parser():
                                    help="the daemon's control socket")
     add_transfer_commands(sub)
     return parser
+
+
+def ticket_id(text):
+    """An id as a ticket can have one (any other text is sent percent-encoded): an empty one
+    would name the list of all tickets, and '/' cannot be in an id."""
+    if not text:
+        raise argparse.ArgumentTypeError("a ticket id may not be empty")
+    if "/" in text:
+        raise argparse.ArgumentTypeError(f"a ticket id may not contain '/': {text!r}")
+    return text
+
+
+def block_size(text):
+    """--block-size: what the server's /checksum takes (API.md 4c)."""
+    from .client.transfer import check_block_size
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    problem = check_block_size(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
 
 
 def run_serve(args):
@@ -182,7 +206,8 @@ def add_transfer_commands(sub):
     p = sub.add_parser("checksum", help="print the block hash of a local image (or of a URL)")
     p.add_argument("file", metavar="FILE|URL")
     p.add_argument("--algorithm", default="blake2b")
-    p.add_argument("--block-size", type=int, default=4 * 1024**2, metavar="BYTES")
+    p.add_argument("--block-size", type=block_size, default=4 * 1024**2, metavar="BYTES",
+                   help="1 MiB to 16 MiB, a multiple of 4096 (default %(default)s)")
     p.add_argument("--cafile", metavar="FILE")
     p.add_argument("--insecure", action="store_true")
     p.set_defaults(run=run_checksum)

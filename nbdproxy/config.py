@@ -82,8 +82,12 @@ def load(conf_dir, flags):
     parser = configparser.ConfigParser(interpolation=None)
     for path in conf_files(conf_dir):
         try:
-            with open(path) as f:
-                parser.read_file(f, path)
+            with open(path, "rb") as f:
+                # Decoded whole, so that a bad byte's offset is the file's.
+                parser.read_string(f.read().decode("utf-8"), path)
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"cannot read {path}: not UTF-8 text: byte "
+                              f"0x{e.object[e.start]:02x} at offset {e.start}") from None
         except (OSError, configparser.Error) as e:
             # configparser's messages span lines; the error is one line (issue 2, point 3).
             raise ConfigError(f"cannot read {path}: {' '.join(str(e).split())}") from None

@@ -172,15 +172,16 @@ def test_upload_to_empty_target(daemon, exports, tmp_path, kind, target_fmt):
                    check=True)
     export = exports(target, target_fmt, ops=("write",))
     with ImageClient(export.url, daemon.cert) as c:
-        # qemu-img create allocates the first 4 KiB of a raw file: the client reads it to see
-        # that the target is empty.
+        # qemu-img create allocates the first 4 KiB of a raw file: the target's extents do not
+        # say it reads as zeros, so the client zeroes it where the source has zeros.
         probed = [(e["start"], e["start"] + e["length"]) for e in c.extents() if not e["zero"]]
     assert sum(b - a for a, b in probed) <= 4096
     p = cli("upload", src, export.url, "--cafile", daemon.cert, "--verify")
     assert p.stderr == ""
     export.stop()
     compare(src, target)
-    # The target was empty: zero extents were skipped, only data was sent.
+    # Zero extents were skipped where the target's extents say zero: only data, and zeros
+    # over the allocated first 4 KiB, were sent.
     sent = [(start, start + length) for start, length, zero in _local_extents(src) if not zero]
     assert export.info()["transferred"] == union_size(sent + probed)
 
@@ -579,10 +580,10 @@ def test_client_errors(daemon, exports, tmp_path):
     with ImageClient(export.url, daemon.cert, unix_socket=False) as c:
         assert c.size() == SIZE
         assert c.max_readers >= 1 and "extents" in c.features
-        buf = bytearray(4096)
-        c.readinto(SIZE - 4096, buf)
+        buf = bytearray(4096)     # data there: a bytearray is filled, not a copy of it
+        c.readinto(SIZE // 2, buf)
         with open(src, "rb") as f:
-            f.seek(SIZE - 4096)
+            f.seek(SIZE // 2)
             assert bytes(buf) == f.read(4096)
         # Windows of the extents map add up to the whole map.
         import nbdproxy.client.image as image
@@ -692,3 +693,16 @@ def test_local_io_keeps_no_buffer_reference(tmp_path):
             assert sys.getrefcount(buf) == base
         finally:
             h.close()
+
+
+# Issue 12, item 13: a --block-size the server would refuse is a usage error.
+
+@pytest.mark.parametrize("value", [str(2**40), "4096", str(MiB + 1), str(32 * MiB), "0", "-4096",
+                                   "4M"])
+def test_checksum_block_size_usage(tmp_path, value):
+    src = make_raw(tmp_path / "src.raw", MiB, (0,))
+    p = cli("checksum", src, "--block-size", value, check=False)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and "--block-size" in p.stderr
+    for ok in (MiB, 16 * MiB, 3 * MiB + 4096):
+        assert json.loads(cli("checksum", src, "--block-size", ok).stdout)["block_size"] == ok

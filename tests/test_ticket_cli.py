@@ -184,3 +184,46 @@ def test_bad_usage():
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2
     assert "--url" in proc.stderr
+
+
+# Issue 12, item 13: ids are percent-encoded; bad ids and bad conf files are one line.
+
+@pytest.mark.parametrize("ticket_id", ["disk 1", "диск", "a?b", "%41", "a#b&c=d", "x+y"])
+def test_ids_are_percent_encoded(d, ticket_id):
+    # A ticket named like the decoded form of ticket_id must not be the one touched.
+    decoy = ok("add", "--url", URL, "--size", "1", "--id", "A" if ticket_id == "%41" else "a",
+               control=d.control_socket).strip()
+    assert ok("add", "--url", URL, "--size", "4096", "--id", ticket_id,
+              control=d.control_socket) == ticket_id + "\n"
+    assert json.loads(ok("show", ticket_id, control=d.control_socket))["uuid"] == ticket_id
+    assert ok("extend", ticket_id, "100", control=d.control_socket) == ""
+    assert ticket_id in {t["uuid"] for t in json.loads(ok("list", control=d.control_socket))}
+    assert ok("delete", ticket_id, control=d.control_socket) == ""
+    line = error_line(run("show", ticket_id, control=d.control_socket))
+    assert ticket_id in line
+    assert json.loads(ok("show", decoy, control=d.control_socket))["uuid"] == decoy
+    ok("delete", decoy, control=d.control_socket)
+
+
+@pytest.mark.parametrize("action", [["show", ""], ["delete", ""], ["extend", "", "5"],
+                                    ["add", "--url", URL, "--size", "1", "--id", ""],
+                                    ["show", "a/b"], ["delete", "a/b"]])
+def test_bad_ids_are_usage_errors(d, action):
+    """An empty id would name the list of all tickets (`delete ""` removed them all)."""
+    keep = ok("add", "--url", URL, "--size", "1", control=d.control_socket).strip()
+    proc = run(*action, control=d.control_socket)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and "ticket id" in proc.stderr
+    assert show(d, keep)["uuid"] == keep
+
+
+def test_conf_file_not_utf8(tmp_path):
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "nbdproxy.conf").write_bytes(b"[nbdproxy]\n# caf\xe9\nport = -1\n")
+    proc = subprocess.run(NBDPROXY + ["serve", "--conf-dir", str(conf), "--control-socket",
+                                      str(tmp_path / "c.sock"), "--local-socket", "none"],
+                          cwd=TOP, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert "nbdproxy.conf" in line and "UTF-8" in line and "0xe9 at offset 16" in line

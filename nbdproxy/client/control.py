@@ -1,6 +1,8 @@
 """A client of the daemon's control socket (/tickets/...)."""
 
+import http.client
 import json
+import urllib.parse
 
 from .. import errors
 from .connections import UnixHTTPConnection
@@ -19,28 +21,39 @@ class ControlClient:
                 conn.request(method, url, body=data)
                 resp = conn.getresponse()
                 payload = resp.read()
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:
                 raise errors.Error(f"cannot reach the daemon at {self.path}: {e}") from None
             if resp.status == 404:
                 raise errors.NotFound(payload.decode(errors="replace").strip())
             if resp.status >= 400:
                 raise errors.Error(f"{method} {url}: {resp.status} "
                                    f"{payload.decode(errors='replace').strip()}")
-            return json.loads(payload) if payload else None
+            try:
+                return json.loads(payload) if payload else None
+            except (ValueError, RecursionError):
+                raise errors.Error(f"{method} {url}: the daemon's answer is not JSON") from None
         finally:
             conn.close()
 
+    @staticmethod
+    def _url(ticket_id):
+        """The ticket's URL: every byte of the id but unreserved ones percent-encoded (UTF-8), so
+        "disk 1", "a?b" or "%41" name that very ticket."""
+        if not ticket_id:
+            raise errors.Error("a ticket id may not be empty")
+        return "/tickets/" + urllib.parse.quote(ticket_id, safe="")
+
     def add(self, ticket):
-        self._request("PUT", f"/tickets/{ticket['uuid']}", ticket)
+        self._request("PUT", self._url(ticket["uuid"]), ticket)
 
     def show(self, ticket_id):
-        return self._request("GET", f"/tickets/{ticket_id}")
+        return self._request("GET", self._url(ticket_id))
 
     def list(self):
         return self._request("GET", "/tickets/")
 
     def extend(self, ticket_id, timeout):
-        self._request("PATCH", f"/tickets/{ticket_id}", {"timeout": timeout})
+        self._request("PATCH", self._url(ticket_id), {"timeout": timeout})
 
     def delete(self, ticket_id):
-        self._request("DELETE", f"/tickets/{ticket_id}")
+        self._request("DELETE", self._url(ticket_id))

@@ -204,14 +204,19 @@ class ImageClient:
     def _json(self, method, url, body=None):
         resp = self._send(method, url, body=body)
         self._check(resp, method)
+        return self._read_json(resp, method)
+
+    def _read_json(self, resp, what):
+        """The JSON of resp's body; a body cut short or not JSON is one ClientError line."""
         try:
             data = resp.read()
-            return json.loads(data) if data else None
         except (OSError, http.client.HTTPException) as e:
             self._conn.close()
             raise self._connection_error(e) from None
-        except ValueError:
-            raise ClientError(f"{self.url}: {method}: the answer is not JSON") from None
+        try:
+            return json.loads(data) if data else None
+        except (ValueError, RecursionError):
+            raise ClientError(f"{self.url}: {what}: the answer is not JSON") from None
 
     def _options(self):
         resp = self._send("OPTIONS", self.path)
@@ -220,10 +225,7 @@ class ImageClient:
             resp.read()
             return {"features": []}
         self._check(resp, "OPTIONS")
-        try:
-            return json.loads(resp.read())
-        except ValueError:
-            raise ClientError(f"{self.url}: OPTIONS: the answer is not JSON") from None
+        return _checked_options(self._read_json(resp, "OPTIONS"), self.url)
 
     # The image
 
@@ -233,11 +235,11 @@ class ImageClient:
 
     @property
     def max_readers(self):
-        return max(1, int(self.info.get("max_readers", 1)))
+        return max(1, self.info.get("max_readers", 1))
 
     @property
     def max_writers(self):
-        return max(1, int(self.info.get("max_writers", 1)))
+        return max(1, self.info.get("max_writers", 1))
 
     @property
     def writable(self):
@@ -253,39 +255,56 @@ class ImageClient:
         return self.info["size"]
 
     def extents(self, context="zero"):
-        """Yield the extents of the image in order, asked a window at a time."""
+        """Yield the extents of the image in order, asked a window at a time.
+
+        Whatever the server answers, what is yielded covers [0, size) exactly, contiguous and in
+        order (API.md 4b): a map with a gap, an overlap, a non-positive length, or one that ends
+        early or passes the end is a ClientError, never a short copy. Without a size in OPTIONS
+        the map asked from 0 gives the size.
+        """
         if "extents" not in self.features:
             if "size" not in self.info:
                 raise ClientError(f"{self.url}: the server reports neither extents nor a size")
-            yield {"start": 0, "length": self.info["size"], "zero": False, "hole": False,
-                   "dirty": True}
+            if self.info["size"]:
+                yield {"start": 0, "length": self.info["size"], "zero": False, "hole": False,
+                       "dirty": True}
             return
-        start = 0
         size = self.info.get("size")
-        while size is None or start < size:
-            url = f"{self.path}/extents?context={context}"
-            if size is not None:
-                url += f"&start={start}&length={min(EXTENTS_WINDOW, size - start)}"
-            resp = self._send("GET", url)
-            if resp.status == 404 and context == "dirty":
-                resp.read()
-                raise HTTPError(f"{self.url}: no dirty extents: the ticket is not a dirty ticket "
-                                "or the export has no dirty bitmap", 404)
-            self._check(resp, "GET extents")
-            try:
-                extents = json.loads(resp.read())
-            except ValueError:
-                raise ClientError(f"{self.url}: extents: the answer is not JSON") from None
-            if not extents:
-                break
+        pos = 0
+        while size is None or pos < size:
+            extents = self._extents_window(context, pos, size)
+            first, end = _span(extents)
+            if size is None and first is None:
+                return          # an empty image
+            if first is None or end <= pos:
+                raise ClientError(f"{self.url}: the extents end at {pos}, before the end of "
+                                  f"the image at {size}")
+            if first > pos:
+                raise ClientError(f"{self.url}: the extents leave a gap at {pos}-{first}")
+            if size is not None and end > size:
+                raise ClientError(f"{self.url}: the extents pass the end of the image: "
+                                  f"{end} > {size}")
             for extent in extents:
-                if extent["start"] + extent["length"] <= start:
+                stop = extent["start"] + extent["length"]
+                if stop <= pos:
                     continue     # the server ignored the window and answered from 0
-                yield extent
-            end = extents[-1]["start"] + extents[-1]["length"]
-            if size is None or end <= start:
-                break
-            start = end
+                yield dict(extent, start=pos, length=stop - pos)
+                pos = stop
+            if size is None:
+                return
+
+    def _extents_window(self, context, start, size):
+        """The checked extents the server answers for the window from start (all without size)."""
+        url = f"{self.path}/extents?context={context}"
+        if size is not None:
+            url += f"&start={start}&length={min(EXTENTS_WINDOW, size - start)}"
+        resp = self._send("GET", url)
+        if resp.status == 404 and context == "dirty":
+            resp.read()
+            raise HTTPError(f"{self.url}: no dirty extents: the ticket is not a dirty ticket "
+                            "or the export has no dirty bitmap", 404)
+        self._check(resp, "GET extents")
+        return _checked_extents(self._read_json(resp, "extents"), context, self.url)
 
     def get(self, offset, length):
         """Send GET for [offset, offset+length); the response, whose body the caller reads fully."""
@@ -350,10 +369,16 @@ class ImageClient:
     def checksum(self, algorithm=None, block_size=None):
         query = urllib.parse.urlencode(
             {k: v for k, v in (("algorithm", algorithm), ("block_size", block_size)) if v})
-        return self._json("GET", f"{self.path}/checksum" + (f"?{query}" if query else ""))
+        result = self._json("GET", f"{self.path}/checksum" + (f"?{query}" if query else ""))
+        if not isinstance(result, dict) or not isinstance(result.get("checksum"), str):
+            raise ClientError(f"{self.url}: checksum: expecting a JSON object with a "
+                              "\"checksum\" string")
+        return result
 
 
 def read_fully(readinto, view, client=None):
+    """Fill view (a bytearray or a memoryview) from readinto; the response must not end early."""
+    view = memoryview(view).cast("B")     # a bytearray's slice would be a copy, never filled
     got = 0
     while got < len(view):
         try:
@@ -367,6 +392,72 @@ def read_fully(readinto, view, client=None):
             where = client.where if client is not None else "the server"
             if client is not None:
                 client._conn.close()
-            raise ClientError(f"{where} closed the connection {len(view) - got} bytes early")
+            raise ClientError(f"{where}: the server's response ended {len(view) - got} bytes "
+                              "early (the server closed the connection)")
         got += n
     return got
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _checked_options(info, url):
+    """OPTIONS's answer (API.md 1) with the types this client relies on, else a ClientError."""
+    def bad(what):
+        return ClientError(f"{url}: OPTIONS: unexpected answer: {what}")
+
+    if not isinstance(info, dict):
+        raise bad(f"expecting a JSON object, not {type(info).__name__}")
+    features = info.get("features", [])
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        raise bad("features is not a list of strings")
+    for key in ("max_readers", "max_writers"):
+        if key in info and not _is_int(info[key]):
+            raise bad(f"{key} is not an integer: {str(info[key])[:40]!r}")
+    if "size" in info and not (_is_int(info["size"]) and info["size"] >= 0):
+        raise bad(f"size is not an integer >= 0: {str(info['size'])[:40]!r}")
+    if info.get("unix_socket") is not None and not isinstance(info["unix_socket"], str):
+        raise bad("unix_socket is not a string")
+    return info
+
+
+# The flags of an extent in each context: (required, optional) keys, all booleans.
+FLAGS = {"zero": (("zero",), ("hole",)), "dirty": (("dirty",), ("zero",))}
+
+
+def _checked_extents(extents, context, url):
+    """The extents of one answer: a list of objects with integer start >= 0 and length > 0, each
+    starting where the one before it ends, and boolean flags (optional ones default to False)."""
+    def bad(what):
+        return ClientError(f"{url}: extents: unexpected answer: {what}")
+
+    if not isinstance(extents, list):
+        raise bad(f"expecting a JSON array, not {type(extents).__name__}")
+    required, optional = FLAGS[context]
+    checked = []
+    for i, e in enumerate(extents):
+        if not isinstance(e, dict):
+            raise bad(f"extent {i} is not an object")
+        start, length = e.get("start"), e.get("length")
+        if not (_is_int(start) and start >= 0):
+            raise bad(f"extent {i}: start is not an integer >= 0")
+        if not (_is_int(length) and length > 0):
+            raise bad(f"extent {i}: length is not an integer > 0")
+        if checked and start != checked[-1]["start"] + checked[-1]["length"]:
+            raise bad(f"extent {i} starts at {start}, not where extent {i - 1} ends")
+        flags = {}
+        for key in required + optional:
+            value = e.get(key, None if key in required else False)
+            if not isinstance(value, bool):
+                raise bad(f"extent {i}: {key} is not a boolean")
+            flags[key] = value
+        checked.append({"start": start, "length": length, **flags})
+    return checked
+
+
+def _span(extents):
+    """(start of the first, end of the last) of checked extents; (None, None) when empty."""
+    if not extents:
+        return None, None
+    return extents[0]["start"], extents[-1]["start"] + extents[-1]["length"]

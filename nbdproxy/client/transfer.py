@@ -29,8 +29,12 @@ MAX_ZERO = 1024**3
 
 DEFAULT_CONNECTIONS = 4
 
-# A target whose extents report at most this much data is read to see whether it is empty.
-PROBE_LIMIT = 1024**2
+# checksum's block sizes, as the server's /checksum takes them (API.md 4c).
+MIN_BLOCK_SIZE = 1024**2
+MAX_BLOCK_SIZE = 16 * 1024**2
+
+# qemu rounds image sizes up to this (qemu-img info, qemu-nbd, qcow2).
+SECTOR = 512
 
 
 def _connections(asked, server_max):
@@ -146,13 +150,21 @@ class _Worker:
 class _DownloadWorker(_Worker):
     def copy(self, start, length):
         resp = self.client.get(start, length)
+        left = [length]
 
         def readinto(view):
             try:
-                return resp.readinto(view)
+                n = resp.readinto(view)
             except (OSError, http.client.HTTPException) as e:
                 self.client.close()
                 raise self.client._connection_error(e) from None
+            if not n and len(view):
+                # Said here: the backend would call it a request body of ours that ended.
+                raise ClientError(f"{self.client.where}: the server's response to GET "
+                                  f"{start}-{start + length - 1} ended {left[0]} bytes early "
+                                  "(the server closed the connection)")
+            left[0] -= n
+            return n
 
         try:
             self.handle.write_from(readinto, self.buf, start, length, self.progress.update)
@@ -251,7 +263,10 @@ def download(url, filename, fmt=None, incremental=False, backing_file=None, conn
                 _run(n, lambda i: _DownloadWorker(client.clone(), server.connect(), progress),
                      _counting(plan(), stats), progress)
                 if verify:
-                    stats["checksum"] = _verify(client, server, filename)
+                    stats["checksum"] = _verify(client, server, filename, size)
+            if fmt == "raw" and os.path.isfile(filename):
+                # qemu rounds a raw image up to 512 bytes; the copy has the remote size.
+                os.truncate(filename, size)
             ok = True
         finally:
             progress.close(ok)
@@ -266,8 +281,9 @@ def upload(filename, url, connections=None, cafile=None, secure=True, verify=Fal
            progress=None, unix_socket=True):
     """Upload the local image filename (any format qemu reads, with its backing chain) to url.
 
-    Data extents go as PUT, zero extents as PATCH zero unless the target is known to be empty;
-    every connection flushes at the end. Returns a dict of what was done.
+    Data extents go as PUT; zero extents as PATCH zero, except where the target's extents say
+    it reads as zeros already. Every connection flushes at the end. Returns a dict of what was
+    done.
     """
     info = local.image_info(filename)
     fmt, vsize = info["format"], info["virtual-size"]
@@ -277,42 +293,53 @@ def upload(filename, url, connections=None, cafile=None, secure=True, verify=Fal
         if client.features and not client.writable:
             raise ClientError(f"{url}: the ticket does not allow writing")
         target = client.size()
-        if vsize > target:
-            raise ClientError(f"{filename} is larger than the target: {vsize} bytes > {target}")
-        if verify and vsize != target:
-            raise ClientError(f"cannot verify: {filename} has {vsize} bytes, "
-                              f"the target {target}")
         n = _connections(connections, client.max_writers)
-        empty = _known_empty(client)
-        stats = {"size": vsize, "copied": 0, "zeroed": 0, "connections": n,
-                 "transport": client.transport, "target_empty": empty}
         with local.Server(filename, fmt, read_only=True, shared=n + 1) as server:
             h = server.connect()
             try:
-                def plan():
-                    for start, length, zero in h.extents():
-                        if not zero:
-                            yield COPY, start, length
-                        elif not empty:
-                            yield ZERO, start, length
-                        else:
-                            yield SKIP, start, length
-
-                progress.total = vsize
+                size = _upload_size(h, filename, vsize, target)
+                if verify and size != target:
+                    raise ClientError(f"cannot verify: {filename} has {size} bytes, "
+                                      f"the target {target}")
+                stats = {"size": size, "copied": 0, "zeroed": 0, "connections": n,
+                         "transport": client.transport}
+                plan = _upload_plan(_clipped(h.extents(), size), _target_data(client, size))
+                progress.total = size
                 ok = False
                 try:
                     _run(n, lambda i: _UploadWorker(client.clone(), server.connect(), progress),
-                         _counting(plan(), stats), progress)
+                         _counting(plan, stats), progress)
                     ok = True
                 finally:
                     progress.close(ok)
             finally:
                 h.close()
             if verify:
-                stats["checksum"] = _verify(client, server, filename)
+                stats["checksum"] = _verify(client, server, filename, size)
         return stats
     finally:
         client.close()
+
+
+def _upload_size(h, filename, vsize, target):
+    """The bytes to upload: the local image's size, or the target's when the image passes it
+    only by qemu's rounding up to 512 bytes and that tail reads as zeros."""
+    if vsize <= target:
+        return vsize
+    if vsize - target < SECTOR:
+        tail = bytearray(vsize - target)
+        h.read_into(memoryview(tail), target)
+        if not any(tail):
+            return target
+    raise ClientError(f"{filename} is larger than the target: {vsize} bytes > {target}")
+
+
+def _clipped(extents, size):
+    """The local (start, length, zero) extents within [0, size)."""
+    for start, length, zero in extents:
+        if start >= size:
+            return
+        yield start, min(length, size - start), zero
 
 
 def _counting(plan, stats):
@@ -324,27 +351,46 @@ def _counting(plan, stats):
         yield op, start, length
 
 
-def _known_empty(client):
-    """True when the target reads as zeros everywhere: its extents say so, or the little data
-    they report (qemu-img create allocates the first 4 KiB of a raw file) reads as zeros."""
+def _target_data(client, size):
+    """(start, end) of the ranges of the target's [0, size) not known to read as zeros: where
+    its extents do not say zero, or all of it when the server reports no extents."""
     if "extents" not in client.features:
-        return False
-    data = []
+        yield 0, size
+        return
     for e in client.extents("zero"):
+        if e["start"] >= size:
+            return
         if not e["zero"]:
-            data.append(e)
-            if sum(d["length"] for d in data) > PROBE_LIMIT:
-                return False
-    for e in data:
-        buf = bytearray(e["length"])
-        client.readinto(e["start"], buf)
-        if buf != bytes(len(buf)):
-            return False
-    return True
+            yield e["start"], min(size, e["start"] + e["length"])
 
 
-def _verify(client, server, filename):
-    """Compare the local image's block hash with the server's; raise on a mismatch."""
+def _upload_plan(extents, target_data):
+    """COPY the local data; ZERO the local zeros where the target may hold data, SKIP them
+    where the target reads as zeros. Both inputs are in order; decided range by range."""
+    data = iter(target_data)
+    current = next(data, None)
+    for start, length, zero in extents:
+        if not zero:
+            yield COPY, start, length
+            continue
+        pos, end = start, start + length
+        while pos < end:
+            while current is not None and current[1] <= pos:
+                current = next(data, None)
+            if current is None or current[0] >= end:
+                yield SKIP, pos, end - pos
+                break
+            if current[0] > pos:
+                yield SKIP, pos, current[0] - pos
+                pos = current[0]
+            stop = min(end, current[1])
+            yield ZERO, pos, stop - pos
+            pos = stop
+
+
+def _verify(client, server, filename, size):
+    """Compare the block hash of the local image's [0, size) with the server's (whose image has
+    that size); raise on a mismatch."""
     remote = {}
 
     def ask():
@@ -357,7 +403,7 @@ def _verify(client, server, filename):
     asker.start()
     h = server.connect()
     try:
-        mine = compute(h, ALGORITHM, BLOCK_SIZE)
+        mine = compute(h, ALGORITHM, BLOCK_SIZE, size)
     finally:
         h.close()
     asker.join()
@@ -370,23 +416,41 @@ def _verify(client, server, filename):
     return mine
 
 
+def check_block_size(block_size):
+    """None when block_size is one the server's /checksum takes, else why not."""
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE or block_size % 4096:
+        return (f"the block size must be from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE} bytes, "
+                "a multiple of 4096")
+    return None
+
+
 def checksum(filename, algorithm=ALGORITHM, block_size=BLOCK_SIZE):
-    """The block hash of the guest data of a local image (API.md 4c), as the server answers it."""
+    """The block hash of the guest data of a local image (API.md 4c), as the server answers it.
+
+    A raw file is hashed over its own size, not qemu's rounded one, as a server hashes an export
+    of that size; other formats over their virtual size.
+    """
     if algorithm not in hashlib.algorithms_available or algorithm.startswith("shake_"):
         raise ClientError(f"unsupported algorithm {algorithm!r}")
-    if block_size < 4096 or block_size % 4096:
-        raise ClientError("the block size must be a multiple of 4096")
+    problem = check_block_size(block_size)
+    if problem:
+        raise ClientError(problem)
     info = local.image_info(filename)
+    size = info["virtual-size"]
+    if info["format"] == "raw" and os.path.isfile(filename):
+        size = os.path.getsize(filename)
     with local.Server(filename, info["format"], read_only=True, shared=1) as server:
         h = server.connect()
         try:
-            digest = compute(h, algorithm, block_size)
+            digest = compute(h, algorithm, block_size, size)
         finally:
             h.close()
     return {"algorithm": algorithm, "block_size": block_size, "checksum": digest}
 
 
-def compute(h, algorithm=ALGORITHM, block_size=BLOCK_SIZE):
-    """blkhash of the image behind local handle h; whole zero blocks are not read."""
+def compute(h, algorithm=ALGORITHM, block_size=BLOCK_SIZE, size=None):
+    """blkhash of [0, size) (default: all) of the image behind local handle h; whole zero blocks
+    are not read."""
+    size = h.size if size is None else size
     zero = ((start, length) for start, length, is_zero in h.extents() if is_zero)
-    return blkhash.compute(h.size, h.read_into, zero, algorithm, block_size)
+    return blkhash.compute(size, h.read_into, zero, algorithm, block_size)
