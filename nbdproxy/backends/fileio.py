@@ -5,8 +5,10 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import select
+import stat
 import struct
 import threading
 
@@ -58,6 +60,83 @@ def try_fallocate(fd, mode, offset, length):
         if e.errno not in UNSUPPORTED:
             raise
         return False
+
+
+class Refused(Exception):
+    """The path cannot be served; str() says why."""
+
+
+_NOT_FILES = ((stat.S_ISDIR, "is a directory"), (stat.S_ISCHR, "is a character device"),
+              (stat.S_ISFIFO, "is a FIFO"), (stat.S_ISSOCK, "is a socket"))
+
+
+def open_checked(path, flags, direct):
+    """Open a regular file or block device: (fd, is a block device, O_DIRECT in use); Refused
+    says why not. O_DIRECT falls back to the page cache where the filesystem refuses it."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise Refused(e.strerror) from None
+    for test, reason in _NOT_FILES:
+        if test(st.st_mode):
+            raise Refused(reason)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise Refused("not a regular file or block device")
+    flags |= os.O_NONBLOCK      # a FIFO swapped in after the stat must not hang the open
+    try:
+        try:
+            fd = os.open(path, flags | (os.O_DIRECT if direct else 0))
+        except OSError as e:
+            if not direct or e.errno != errno.EINVAL:
+                raise
+            direct = False      # a filesystem without O_DIRECT (ramfs)
+            fd = os.open(path, flags)
+    except OSError as e:
+        op = "writing" if flags & os.O_RDWR else "reading"
+        raise Refused(f"cannot open for {op}: {e.strerror}") from None
+    now = os.fstat(fd)
+    if (now.st_dev, now.st_ino, now.st_mode) != (st.st_dev, st.st_ino, st.st_mode):
+        os.close(fd)
+        raise Refused("changed while it was opened")
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    return fd, stat.S_ISBLK(st.st_mode), direct
+
+
+def dio_alignment(fd, block):
+    """O_DIRECT alignment: the logical block size; for files, 512 if a 512-byte read works."""
+    if block:
+        return blk_sector_size(fd)
+    with mmap.mmap(-1, mmap.PAGESIZE) as buf:
+        view = memoryview(buf)
+        try:
+            for a in (512, mmap.PAGESIZE):
+                try:
+                    if os.preadv(fd, [view[:a]], 0) > 0:
+                        return a
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        raise
+        finally:
+            view.release()
+    return mmap.PAGESIZE    # an empty file tells nothing: the page size is always safe
+
+
+def zero_range(fd, block, offset, length, punch_hole):
+    """Zero in the kernel without changing the size; False if the caller must write zeros.
+    punch_hole deallocates; else the range stays allocated (ZERO_RANGE, unwritten extents)."""
+    if block:
+        # PUNCH_HOLE on a block device guarantees zeros (or fails); BLKZEROOUT never unmaps.
+        if not (punch_hole and try_fallocate(fd, PUNCH, offset, length)):
+            blk_zeroout(fd, offset, length)
+        return True
+    if try_fallocate(fd, PUNCH if punch_hole else ZERO_RANGE, offset, length):
+        return True
+    # No ZERO_RANGE (tmpfs): punch, then allocate again. No fallocate at all (ramfs): False.
+    if not try_fallocate(fd, PUNCH, offset, length):
+        return False
+    if not punch_hole:
+        try_fallocate(fd, ALLOCATE, offset, length)
+    return True
 
 
 def blk_size(fd):
