@@ -1,0 +1,460 @@
+"""The file: backend (API.md 7a): a raw file or a block device served without an NBD server, with
+O_DIRECT where the filesystem takes it and the page cache where it does not.
+
+Zero copy, 1 GiB file to a unix socket pair (reader in another process), medians of 3, kernel
+6.18, 2 shared cores: O_DIRECT on ext4, sendfile 378 MiB/s at 0.57 s CPU/GiB against pread +
+sendall 787 MiB/s at 0.19 s (the kernel reads an O_DIRECT fd for sendfile in 64 KiB pieces; it
+never fills the page cache); on /dev/shm 2152 vs 3034 MiB/s. Buffered, cached ext4: sendfile
+2961 MiB/s at 0.09 s CPU/GiB vs 4356 at 0.12 s; /dev/shm 3716 at 0.08 s vs 2928 at 0.23 s. So
+zero copy (caps.zero_copy) only for buffered fds; send_to on an O_DIRECT fd reads and sends.
+"""
+
+import contextlib
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import threading
+
+from .. import errors
+from . import Caps, Extent, fileio
+
+log = logging.getLogger("nbdproxy.file")
+
+PIECE = 2 * 1024**2      # the most moved per yield: cancel and progress see every piece
+MAX_ZERO = 1024**3       # bytes per fallocate or BLKZEROOUT in zero()
+PAGE = mmap.PAGESIZE
+
+
+def parse_url(url):
+    """The path of a file: URL, as written (not percent-decoded); a bare path is taken as is."""
+    for prefix in ("file://", "file:"):
+        if url.startswith(prefix):
+            return url[len(prefix):]
+    return url
+
+
+def open_file(url, writable, direct=True, max_connections=8):
+    """A FileBackend for a file: URL or path; errors.BadRequest("Invalid ticket: ...") if unusable."""
+    return FileBackend(parse_url(url), writable, direct, max_connections)
+
+
+def _up(n, a):
+    return -(-n // a) * a
+
+
+def _down(n, a):
+    return n // a * a
+
+
+def _split(offset, end, a):
+    """(head, mid): [offset, head) and [mid, end) are partial blocks, [head, mid) whole ones."""
+    head = min(_up(offset, a), end)
+    return head, max(_down(end, a), head)
+
+
+class FileBackend:
+    """One ticket's file: the channels (one fd each), the block lock table, the flush verdict."""
+
+    def __init__(self, path, writable, direct=True, max_connections=8):
+        if not path.startswith("/"):
+            raise errors.BadRequest(f"Invalid ticket: {path}: not an absolute path")
+        self.path, self.writable, self.max_connections = path, writable, max_connections
+        self.locks = fileio.BlockLocks()
+        self._cond = threading.Condition()
+        self._idle, self._count, self._closed = [], 0, False
+        self._flush_error = None
+        self._flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        try:
+            # Later channels reopen this fd: the inode the ticket was added on.
+            self._anchor, self.block, self.direct = fileio.open_checked(path, self._flags, direct)
+        except fileio.Refused as e:
+            raise errors.BadRequest(f"Invalid ticket: {path}: {e}") from None
+        try:
+            self.align = fileio.dio_alignment(self._anchor, self.block) if self.direct else 1
+            self.sector = fileio.blk_sector_size(self._anchor) if self.block else self.align
+        except OSError as e:
+            os.close(self._anchor)
+            raise errors.BadRequest(f"Invalid ticket: {path}: cannot read: {e.strerror}") from None
+
+    @property
+    def size(self):
+        return fileio.blk_size(self._anchor) if self.block else os.fstat(self._anchor).st_size
+
+    def caps(self, ch=None):
+        return Caps(zero=True, flush=True, extents=frozenset({"zero"}), multi_conn=True,
+                    max_connections=self.max_connections, zero_copy=not self.direct)
+
+    def acquire(self):
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise errors.Canceled("Ticket was removed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._count < self.max_connections:
+                    self._count += 1
+                    break
+                self._cond.wait()
+        try:
+            # The inode the ticket was opened on, even if the path now names another file.
+            fd = os.open(f"/proc/self/fd/{self._anchor}",
+                         self._flags | (os.O_DIRECT if self.direct else 0))
+        except OSError as e:
+            self._forget()
+            raise errors.BackendError(f"{self.path}: cannot open: {e.strerror}") from e
+        return FileChannel(self, fd)
+
+    def release(self, ch, reuse=True):
+        with self._cond:
+            if reuse and not self._closed:
+                self._idle.append(ch)
+                self._cond.notify()
+                return
+        ch.close()
+        self._forget()
+
+    @contextlib.contextmanager
+    def lend(self):
+        ch = self.acquire()
+        try:
+            yield ch
+        except BaseException:
+            self.release(ch, reuse=False)
+            raise
+        self.release(ch)
+
+    def _forget(self):
+        """One channel less; the anchor fd goes with the last one after close()."""
+        with self._cond:
+            self._count -= 1
+            self._cond.notify()
+            self._close_anchor()
+
+    def _close_anchor(self):
+        if self._closed and not self._count and self._anchor is not None:
+            os.close(self._anchor)
+            self._anchor = None
+
+    def flush(self, ch):
+        """fdatasync: covers what every channel wrote. The kernel reports a writeback error once
+        per fd, so a failure is kept and fails every later flush."""
+        if self._flush_error:
+            raise errors.BackendError(f"{self.path}: an earlier flush failed "
+                                      f"({self._flush_error}); written data may be lost")
+        ch.check(0, 0)
+        try:
+            (os.fsync if self.block else os.fdatasync)(ch.fd)
+        except OSError as e:
+            self._flush_error = e.strerror or str(e)
+            log.error("flush of %s failed: %s", self.path, self._flush_error)
+            raise errors.BackendError(f"{self.path}: flush failed: {self._flush_error}") from e
+
+    def close(self):
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._count -= len(idle)
+            self._close_anchor()
+            self._cond.notify_all()
+        for ch in idle:
+            ch.close()
+
+
+class FileChannel:
+    """One fd of the backend's file, used by one request at a time. With O_DIRECT, the middle of
+    a range goes straight between the caller's buffer and the disk; partial blocks at its edges
+    are read-modify-written through an aligned bounce buffer under the block's lock."""
+
+    def __init__(self, backend, fd):
+        self._b, self.fd = backend, fd
+        self._bounce = self._recv = None
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        for m in (self._bounce, self._recv):
+            if m is not None:
+                m.close()
+
+    @property
+    def size(self):
+        return fileio.blk_size(self.fd) if self._b.block else os.fstat(self.fd).st_size
+
+    def check(self, offset, length, limit=None):
+        """The file's current size, after making sure the path still names our file and that
+        [offset, offset+length) is inside min(size, limit)."""
+        path = self._b.path
+        st = os.fstat(self.fd)
+        try:
+            now = os.stat(path)
+        except OSError as e:
+            now = e
+        if st.st_nlink == 0 or isinstance(now, OSError):
+            log.error("%s was removed under its ticket", path)
+            raise errors.BackendError(f"{path} was removed under its ticket")
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            log.error("%s was replaced under its ticket", path)
+            raise errors.BackendError(f"{path} was replaced under its ticket")
+        size = fileio.blk_size(self.fd) if self._b.block else st.st_size
+        bound = size if limit is None else min(size, limit)
+        if offset + length > bound:
+            raise errors.RangeNotSatisfiable(
+                f"Range {offset}-{offset + length} is past the end of the image, {bound}", bound)
+        return size
+
+    @contextlib.contextmanager
+    def _io(self, what):
+        """OSError -> BackendError naming the path; a removed or replaced file says so."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno == errno.EBADF and self.fd is None:
+                raise errors.BackendError(f"{self._b.path}: {what} on a closed channel") from e
+            self.check(0, 0)
+            raise errors.BackendError(f"{self._b.path}: {what} failed: {e.strerror}") from e
+
+    def _buf(self):
+        if self._bounce is None:
+            self._bounce = mmap.mmap(-1, PIECE)
+        return memoryview(self._bounce)
+
+    # Reading.
+
+    def read(self, buf, offset, length):
+        view = memoryview(buf)
+        piece = min(len(view), PIECE)
+        end = offset + length
+        while offset < end:
+            n = min(piece, end - offset)
+            yield self.read_into(view[:n], offset)
+            offset += n
+
+    def read_into(self, view, offset):
+        self.check(offset, len(view))
+        with self._io("read"):
+            self._read(view, offset)
+        return view
+
+    def _read(self, view, offset):
+        if not self._b.direct:
+            return self._pread(view, offset, len(view))
+        a = self._b.align
+        head, mid = _split(offset, offset + len(view), a)
+        for s, e in ((offset, head), (head, mid), (mid, offset + len(view))):
+            part = view[s - offset:e - offset]
+            if not part:
+                continue
+            if (s | e) % a or not self._aligned(part):
+                self._read_bounced(part, s)
+            else:
+                self._pread(part, s, len(part))
+
+    def _aligned(self, view):
+        addr = fileio.address(view)
+        return addr is not None and addr % self._b.align == 0
+
+    def _pread(self, view, offset, need):
+        """Read into view from offset until need bytes came (short only at the end of file)."""
+        got = 0
+        while got < need:
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if n == 0:
+                size = self.check(0, 0)
+                raise errors.RangeNotSatisfiable(f"The file shrank to {size} bytes", size)
+            got += n
+
+    def _read_bounced(self, view, offset):
+        """Copy through the aligned bounce buffer: reads whole blocks around the range."""
+        a, b = self._b.align, self._buf()
+        step = len(b) - 2 * a
+        for i in range(0, len(view), step):
+            s, e = offset + i, offset + min(i + step, len(view))
+            blk = _down(s, a)
+            self._pread(b[:_up(e, a) - blk], blk, e - blk)
+            view[i:i + e - s] = b[s - blk:e - blk]
+
+    # Writing.
+
+    def write(self, readinto, buf, offset, length, on_written, limit, punch_hole=False,
+              check=None):
+        if length is not None:
+            self.check(offset, length, limit)
+        view = memoryview(buf)
+        piece = min(len(view), PIECE)
+        end = None if length is None else offset + length
+        while end is None or offset < end:
+            if check is not None:
+                check()
+            want = piece if end is None else min(piece, end - offset)
+            n = fileio.read_fully(readinto, view[:want], exact=end is not None)
+            if n == 0:
+                return
+            part = view[:n]
+            size = self.check(offset, n, limit)
+            with self._io("write"):
+                if fileio.is_zero(part):
+                    self._zero(offset, n, punch_hole, part, size)
+                else:
+                    self._write(part, offset, size)
+            on_written(n)
+            offset += n
+
+    def _edges(self, offset, end, size, a):
+        """Split [offset, end) into (start, end, how): "rmw" partial blocks, "direct" aligned
+        blocks, "buffered" for the page holding a partial last block: a whole-block O_DIRECT
+        write there would grow the file, so every write to that page goes through the cache."""
+        tail = size if size % a == 0 else _down(size, max(a, PAGE))
+        out = []
+        if end > tail:
+            out.append((max(offset, tail), end, "buffered"))
+            end = max(offset, tail)
+        head, mid = _split(offset, end, a)
+        out[:0] = [(offset, head, "rmw"), (head, mid, "direct"), (mid, end, "rmw")]
+        return [(s, e, how) for s, e, how in out if e > s]
+
+    def _write(self, view, offset, size):
+        if not self._b.direct:
+            return self._pwrite(view, offset)
+        for s, e, how in self._edges(offset, offset + len(view), size, self._b.align):
+            part = view[s - offset:e - offset]
+            if how == "buffered":
+                with self._buffered():
+                    self._pwrite(part, s)
+            elif how == "rmw":
+                self._rmw(part, s)
+            elif self._aligned(part):
+                self._pwrite(part, s)
+            else:
+                b = self._buf()
+                for i in range(0, len(part), len(b)):
+                    chunk = part[i:i + len(b)]
+                    b[:len(chunk)] = chunk
+                    self._pwrite(b[:len(chunk)], s + i)
+
+    def _pwrite(self, view, offset):
+        done = 0
+        while done < len(view):
+            done += os.pwritev(self.fd, [view[done:]], offset + done)
+
+    def _rmw(self, view, offset):
+        """Write part of one block: read it whole, patch it, write it back, holding its lock."""
+        a, b = self._b.align, self._buf()
+        blk = _down(offset, a)
+        with self._b.locks.hold(blk // a):
+            self._pread(b[:a], blk, a)
+            b[offset - blk:offset - blk + len(view)] = view
+            self._pwrite(b[:a], blk)
+
+    @contextlib.contextmanager
+    def _buffered(self):
+        flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        if flags & os.O_DIRECT:
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+        try:
+            yield
+        finally:
+            if flags & os.O_DIRECT:
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags)
+
+    # Zeroing: never changes the size; deallocates with punch_hole, else allocates zeros.
+
+    def zero(self, offset, length, punch_hole, buf=None):
+        size = self.check(offset, length)
+        zeros = memoryview(buf if buf is not None else bytearray(PIECE))[:PIECE]
+        zeros[:] = bytes(len(zeros))
+        end = offset + length
+        while offset < end:
+            n = min(end, _down(offset, MAX_ZERO) + MAX_ZERO) - offset
+            with self._io("zero"):
+                self._zero(offset, n, punch_hole, zeros, size)
+            yield n
+            offset += n
+            if offset < end:
+                size = self.check(offset, end - offset)
+
+    def _zero(self, offset, length, punch_hole, zeros, size):
+        """Partial blocks are written from zeros (a view of zeros); whole ones in the kernel:
+        fallocate, BLKZEROOUT (a block device needs whole logical blocks even when buffered)."""
+        end = offset + length
+        if self._b.direct or self._b.block:
+            parts = self._edges(offset, end, size, self._b.sector)
+        else:
+            parts = [(offset, end, "direct")]
+        for s, e, how in parts:
+            if how == "rmw":
+                self._write_zeroes(s, e - s, zeros, size)
+            else:
+                self._zero_range(s, e - s, punch_hole, zeros, size)
+
+    def _write_zeroes(self, offset, length, zeros, size):
+        for i in range(0, length, len(zeros)):
+            self._write(zeros[:min(len(zeros), length - i)], offset + i, size)
+
+    def _zero_range(self, offset, length, punch_hole, zeros, size):
+        if not fileio.zero_range(self.fd, self._b.block, offset, length, punch_hole):
+            self._write_zeroes(offset, length, zeros, size)
+
+    def flush(self):
+        self._b.flush(self)
+
+    def extents(self, context, offset, length):
+        """The file's layout: holes are zero and hole, unwritten extents zero, the rest data."""
+        if context != "zero":
+            raise errors.NotFound(f"No {context!r} extents: a file has no dirty bitmap")
+        self.check(offset, length)
+        if not length:
+            return
+        if self._b.block:
+            yield Extent(offset, length, False, False, False)
+            return
+        try:
+            yield from fileio.merged(Extent(*e, False)
+                                     for e in fileio.layout(self.fd, offset, offset + length))
+        except OSError as e:
+            raise errors.BackendError(f"{self._b.path}: mapping failed: {e.strerror}") from e
+
+    # Zero copy (plain sockets only; the caller decides).
+
+    def send_to(self, sock, offset, length):
+        """Send the range to sock, one piece a yield: sendfile for buffered fds; an O_DIRECT fd
+        is read and sent (faster and cheaper than its sendfile, see above)."""
+        end = offset + length
+        while offset < end:
+            n = min(PIECE, end - offset)
+            if self._b.direct:
+                fileio.send_all(sock, self.read_into(self._spare()[:n], offset))
+            else:
+                self.check(offset, n)
+                with self._io("sendfile"):
+                    fileio.sendfile(sock, self.fd, offset, n)
+            yield n
+            offset += n
+
+    def recv_from(self, source, offset, length):
+        """Write length bytes from source (a socket, or a readinto callable) at offset, one piece
+        a yield: spliced into the page cache for buffered fds, else received into an aligned
+        buffer and written (O_DIRECT takes no pipe pages)."""
+        size = self.check(offset, length)
+        end = offset + length
+        with fileio.Pipe(PIECE) as pipe:
+            while offset < end:
+                n = min(PIECE, end - offset)
+                with self._io("write"):
+                    if hasattr(source, "fileno") and not self._b.direct:
+                        pipe.splice(source, self.fd, offset, n)
+                    else:
+                        view = self._spare()[:n]
+                        fileio.read_fully(getattr(source, "recv_into", source), view, True)
+                        self._write(view, offset, size)
+                yield n
+                offset += n
+                size = self.check(offset, end - offset)
+
+    def _spare(self):
+        """recv_from's page-aligned buffer; the bounce is _write's."""
+        if self._recv is None:
+            self._recv = mmap.mmap(-1, PIECE)
+        return memoryview(self._recv)
