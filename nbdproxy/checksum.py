@@ -13,7 +13,6 @@ import time
 
 from . import blkhash, errors
 from .blkhash import ALGORITHM, BLOCK_SIZE, HASH_THREADS
-from .extents import iterate
 from .images import Watch, authorize, json_response
 
 MIN_BLOCK = 1024**2
@@ -50,10 +49,9 @@ def get(ctx, req, ticket_id):
         check = Watch(ctx, operation)
         # The memory first: a request waiting for it holds no NBD connection.
         with budget.reserve(block_size, wanted, ticket.inactivity_timeout or None,
-                            check) as buffers, ticket.backend.handle() as h:
+                            check) as buffers, ticket.backend.lend() as h:
             size = min(ticket.size, h.size)     # what the ticket grants (API.md 4c)
-            zero = ((start, length) for start, length, (is_zero, _) in
-                    iterate(h, "zero", 0, size, check) if is_zero)
+            zero = ((e.start, e.length) for e in h.extents("zero", 0, size, check) if e.zero)
             digest = blkhash.compute(size, h.read_into, zero, algorithm, block_size, check,
                                      buffers=buffers)
     return json_response({"algorithm": algorithm, "block_size": block_size, "checksum": digest})

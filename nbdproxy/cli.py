@@ -55,6 +55,8 @@ def build_parser():
     serve.add_argument("--nbd-timeout", type=int, metavar="SECONDS",
                        help="fail a request whose NBD command gets no answer in this time "
                             "(default 300; 0: wait forever)")
+    serve.add_argument("--no-file-direct", dest="file_direct", action="store_const",
+                       const=False, help="file: tickets use the page cache, never O_DIRECT")
     serve.add_argument("--nbd-idle-timeout", type=int, metavar="SECONDS",
                        help="close an NBD connection no request used for this long (default 5; "
                             "0: when its request ends)")

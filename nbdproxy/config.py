@@ -28,6 +28,7 @@ SETTINGS = {
     "nbd_request_size": (int, 512 * 1024),
     "nbd_timeout": (int, 300),
     "nbd_idle_timeout": (int, 5),
+    "file_direct": (bool, True),
     "nbd_connect_timeout": (int, 10),
     "remove_timeout": (int, 60),
     "stop_timeout": (int, 30),

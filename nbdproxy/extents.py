@@ -1,13 +1,11 @@
-"""Handler of /images/{ticket}/extents: NBD block status as JSON zero or dirty extents."""
+"""Handler of /images/{ticket}/extents: the backend's extents as JSON, zero or dirty (API.md 4b)."""
 
 import itertools
 import json
 
-import nbd
 import webob
 
 from . import errors
-from .backends.nbd import ALLOCATION, DEPTH
 from .images import Stream, Watch, authorize, json_response
 
 CONTEXTS = ("zero", "dirty")
@@ -16,42 +14,10 @@ CONTEXTS = ("zero", "dirty")
 MAX_BUFFERED = 10_000
 
 
-def _zero_flags(flags, bitmap):
-    zero = bool(flags.get(ALLOCATION, 0) & nbd.STATE_ZERO)
-    hole = flags.get(DEPTH) == 0
-    return (zero, hole)
-
-
-def _dirty_flags(flags, bitmap):
-    dirty = bool(flags.get(bitmap, 0) & 1)
-    zero = bool(flags.get(ALLOCATION, 0) & nbd.STATE_ZERO)
-    return (dirty, zero)
-
-
-def iterate(h, context, start, length, check=None):
-    """Yield (start, length, flags) with neighbours of equal flags merged; check() runs for
-    each run block status gives (to stop a canceled request during a long walk)."""
-    flags_of = _dirty_flags if context == "dirty" else _zero_flags
-    cur_start, cur_len, cur_flags = start, 0, None
-    for n, raw in h.block_status(start, length):
-        if check is not None:
-            check()
-        flags = flags_of(raw, h.dirty_context)
-        if flags == cur_flags:
-            cur_len += n
-            continue
-        if cur_len:
-            yield cur_start, cur_len, cur_flags
-        cur_start, cur_len, cur_flags = cur_start + cur_len, n, flags
-    if cur_len:
-        yield cur_start, cur_len, cur_flags
-
-
-def _as_dict(context, extent):
-    start, length, (a, b) = extent
+def _as_dict(context, e):
     if context == "dirty":
-        return {"start": start, "length": length, "dirty": a, "zero": b}
-    return {"start": start, "length": length, "zero": a, "hole": b}
+        return {"start": e.start, "length": e.length, "dirty": e.dirty, "zero": e.zero}
+    return {"start": e.start, "length": e.length, "zero": e.zero, "hole": e.hole}
 
 
 def _window(req, size):
@@ -76,31 +42,31 @@ def get(ctx, req, ticket_id):
     ticket = authorize(ctx, ticket_id, "read")
     if context == "dirty" and not ticket.dirty:
         raise errors.NotFound(f"Ticket {ticket_id} does not allow dirty extents")
-    pool = ticket.backend
-    h = pool.acquire()
+    backend = ticket.backend
+    ch = backend.acquire()
     operation = None
     try:
-        if context == "dirty" and h.dirty_context not in h.contexts:
-            raise errors.NotFound("The export has no dirty bitmap")
+        if context not in backend.caps(ch).extents:
+            raise errors.NotFound(f"The image has no {context} extents")
         # Nothing past the ticket is described (API.md 4b).
-        start, length = _window(req, min(ticket.size, h.size))
+        start, length = _window(req, min(ticket.size, ch.size))
         operation = ticket.start("extents", start, 0)
         check = Watch(ctx, operation)
-        extents = iterate(h, context, start, length, check)
+        extents = ch.extents(context, start, length, check)
         first = list(itertools.islice(extents, MAX_BUFFERED))
     except BaseException:
-        pool.release(h, reuse=False)
+        backend.release(ch, reuse=False)
         if operation is not None:
             ticket.finish(operation, False)
         raise
     if len(first) < MAX_BUFFERED:
-        pool.release(h)
+        backend.release(ch)
         ticket.finish(operation, True)
         return json_response([_as_dict(context, e) for e in first])
     # A large map goes out as it is computed (chunked), never held whole; it stops at a cancel.
     check.streaming()
     resp = webob.Response(status=200, content_type="application/json", charset=None)
-    resp.app_iter = Stream(ticket, h, operation, _json_array(context, first, extents))
+    resp.app_iter = Stream(ticket, ch, operation, _json_array(context, first, extents))
     return resp
 
 

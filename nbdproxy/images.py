@@ -88,13 +88,14 @@ def options(ctx, req, ticket_id):
             info["unix_socket"] = ctx.local_socket
         return json_response(info, Allow="OPTIONS,GET,PUT,PATCH")
     ticket = authorize(ctx, ticket_id, "read")
-    with ticket.backend.handle() as h:
-        size = min(ticket.size, h.size)
+    with ticket.backend.lend() as ch:
+        size = min(ticket.size, ch.size)
+        caps = ticket.backend.caps(ch)
     writable = ticket.may("write")
     info = {
         "features": WRITE_FEATURES if writable else READ_FEATURES,
-        "max_readers": ticket.backend.limit,
-        "max_writers": ticket.backend.limit,
+        "max_readers": caps.max_connections,
+        "max_writers": caps.max_connections,
         "size": size,
     }
     if ctx.local_socket:
@@ -274,7 +275,7 @@ def put(ctx, req, ticket_id):
     ticket = authorize(ctx, ticket_id, "write")
     if length is not None:
         _check_write_range(offset, length, ticket.size)    # before opening NBD
-    with ticket.backend.handle() as h:
+    with ticket.backend.lend() as h:
         if length is not None:
             _check_write_range(offset, length, h.size)
         with ticket.running("write", offset, length or 0) as operation:
@@ -335,7 +336,7 @@ def patch(ctx, req, ticket_id):
 
 def _zero(ctx, ticket_id, offset, size, flush):
     ticket = authorize(ctx, ticket_id, "write")
-    with ticket.backend.handle() as h:
+    with ticket.backend.lend() as h:
         _check_write_range(offset, size, ticket.size, h.size)
         with ticket.running("zero", offset, size) as operation:
             check = Watch(ctx, operation)
@@ -349,6 +350,6 @@ def _zero(ctx, ticket_id, offset, size, flush):
 
 def _flush(ctx, ticket_id):
     ticket = authorize(ctx, ticket_id, "write")
-    with ticket.backend.handle() as h, ticket.running("flush"):
+    with ticket.backend.lend() as h, ticket.running("flush"):
         ticket.backend.flush(h)
     return empty_response(200)

@@ -16,7 +16,8 @@ import time
 
 from . import __version__, checksum, http, metrics, tickets
 from .app import App
-from .backends import nbd as nbd_backend
+from . import backends
+from .backends.pool import IdleCloser
 from .errors import ConfigError
 
 log = logging.getLogger("nbdproxy.server")
@@ -388,12 +389,16 @@ class Server:
     def __init__(self, config):
         self.config = config
         self.metrics = metrics.Metrics()
+        self.backend_settings = backends.Settings(
+            nbd_connections=config.nbd_connections, nbd_request_size=config.nbd_request_size,
+            nbd_timeout=config.nbd_timeout, nbd_connect_timeout=config.nbd_connect_timeout,
+            nbd_idle_timeout=config.nbd_idle_timeout, file_direct=config.file_direct,
+            closer=IdleCloser(), metrics=self.metrics)
         self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics)
         self.metrics.registry = self.registry
         # One budget for the checksum buffers of both data services.
         self.checksum_budget = checksum.Budget(config.checksum_memory)
         self.services = []
-        self.idle_closer = nbd_backend.IdleCloser()
         # Signal handlers only note the signal and write to a pipe, which takes no lock (a
         # handler may run while the main thread holds one); serve() acts on them.
         self._signals = []
@@ -401,15 +406,8 @@ class Server:
         os.set_blocking(self._wake_w, False)    # a full pipe already wakes serve()
 
     def _open_backend(self, fields):
-        pool = nbd_backend.Pool.for_ticket(fields)
-        pool.limit = self.config.nbd_connections
-        pool.request_size = self.config.nbd_request_size
-        pool.timeout = self.config.nbd_timeout or None
-        pool.connect_timeout = self.config.nbd_connect_timeout or None
-        pool.idle_timeout = self.config.nbd_idle_timeout
-        pool.closer = self.idle_closer
-        pool.metrics = self.metrics
-        return pool
+        return backends.open_backend(fields["url"], "write" in fields["ops"], fields["dirty"],
+                                     self.backend_settings)
 
     def bind(self):
         """Bind every configured service; ConfigError (after closing what was bound) on failure."""

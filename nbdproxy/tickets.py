@@ -45,12 +45,14 @@ def validate(data):
     """Return the ticket's fields from a JSON object, or raise BadRequest("Invalid ticket: ...")."""
     if not isinstance(data, dict):
         raise errors.BadRequest("Invalid ticket: not a JSON object")
+    url = _field(data, "url", str)
     fields = {
         "uuid": _field(data, "uuid", str),
-        "size": _field(data, "size", int),
+        # A file: ticket may leave the size out: it is then the file's (API.md 7a).
+        "size": _field(data, "size", int, not url.startswith("file:")),
         "ops": _field(data, "ops", list),
         "timeout": _field(data, "timeout", int),
-        "url": _field(data, "url", str),
+        "url": url,
         "inactivity_timeout": _field(data, "inactivity_timeout", int, False, 60),
         "transfer_id": _field(data, "transfer_id", str, False),
         "filename": _field(data, "filename", str, False),
@@ -59,7 +61,7 @@ def validate(data):
     }
     for name, limit in (("size", MAX_SIZE), ("timeout", MAX_TIMEOUT),
                         ("inactivity_timeout", MAX_TIMEOUT)):
-        if fields[name] > limit:
+        if fields[name] is not None and fields[name] > limit:
             raise errors.BadRequest(f"Invalid ticket: {name!r} must be <= {limit}")
     if not fields["uuid"]:
         raise errors.BadRequest("Invalid ticket: empty 'uuid'")
@@ -280,7 +282,10 @@ class Registry:
         if fields["uuid"] != ticket_id:
             raise errors.BadRequest(
                 f"Invalid ticket: uuid {fields['uuid']!r} does not match the URL's {ticket_id!r}")
-        ticket = Ticket(fields, self._open_backend(fields), self.metrics)
+        backend = self._open_backend(fields)
+        if fields["size"] is None:
+            fields["size"] = backend.size
+        ticket = Ticket(fields, backend, self.metrics)
         with self._lock:
             old = self._tickets.get(ticket_id)
             self._tickets[ticket_id] = ticket

@@ -20,3 +20,26 @@ class Caps:
     multi_conn: bool    # a flush on one channel covers all
     max_connections: int   # OPTIONS max_readers/max_writers
     zero_copy: bool     # channel has send_to/recv_from
+
+
+@dataclass
+class Settings:
+    """What the daemon's configuration tells every backend it opens."""
+    nbd_connections: int = 8
+    nbd_request_size: int = 512 * 1024
+    nbd_timeout: int = 300
+    nbd_connect_timeout: int = 10
+    nbd_idle_timeout: int = 5
+    file_direct: bool = True
+    closer: object = None       # the daemon's pool.IdleCloser
+    metrics: object = None
+
+
+def open_backend(url, writable, dirty, settings):
+    """The backend for a ticket's URL, chosen by its scheme; BadRequest("Invalid ticket: ...")
+    when the URL cannot be served. nbd: opens nothing yet; file: opens and checks the file."""
+    if url.startswith("file:"):
+        from . import file
+        return file.open_file(url, writable, settings.file_direct, settings.nbd_connections)
+    from . import nbd
+    return nbd.open_backend(url, dirty, settings)

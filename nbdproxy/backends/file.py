@@ -19,6 +19,7 @@ import threading
 
 from .. import errors
 from . import Caps, Extent, fileio
+from .pipeline import is_zero, read_fully
 
 log = logging.getLogger("nbdproxy.file")
 
@@ -289,13 +290,13 @@ class FileChannel:
             if check is not None:
                 check()
             want = piece if end is None else min(piece, end - offset)
-            n = fileio.read_fully(readinto, view[:want], exact=end is not None)
+            n = read_fully(readinto, view[:want], exact=end is not None)
             if n == 0:
                 return
             part = view[:n]
             size = self.check(offset, n, limit)
             with self._io("write"):
-                if fileio.is_zero(part):
+                if is_zero(part):
                     self._zero(offset, n, punch_hole, part, size)
                 else:
                     self._write(part, offset, size)
@@ -400,8 +401,9 @@ class FileChannel:
     def flush(self):
         self._b.flush(self)
 
-    def extents(self, context, offset, length):
-        """The file's layout: holes are zero and hole, unwritten extents zero, the rest data."""
+    def extents(self, context, offset, length, check=None):
+        """The file's layout: holes are zero and hole, unwritten extents zero, the rest data.
+        check() runs for each extent of the layout, so a long walk can be stopped."""
         if context != "zero":
             raise errors.NotFound(f"No {context!r} extents: a file has no dirty bitmap")
         self.check(offset, length)
@@ -412,7 +414,8 @@ class FileChannel:
             return
         try:
             yield from fileio.merged(Extent(*e, False)
-                                     for e in fileio.layout(self.fd, offset, offset + length))
+                                     for e in _checked(fileio.layout(self.fd, offset,
+                                                                     offset + length), check))
         except OSError as e:
             raise errors.BackendError(f"{self._b.path}: mapping failed: {e.strerror}") from e
 
@@ -447,7 +450,7 @@ class FileChannel:
                         pipe.splice(source, self.fd, offset, n)
                     else:
                         view = self._spare()[:n]
-                        fileio.read_fully(getattr(source, "recv_into", source), view, True)
+                        read_fully(getattr(source, "recv_into", source), view, True)
                         self._write(view, offset, size)
                 yield n
                 offset += n
@@ -458,3 +461,10 @@ class FileChannel:
         if self._recv is None:
             self._recv = mmap.mmap(-1, PIECE)
         return memoryview(self._recv)
+
+
+def _checked(items, check):
+    for item in items:
+        if check is not None:
+            check()
+        yield item

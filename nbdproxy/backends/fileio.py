@@ -320,33 +320,6 @@ def address(view):
         del c       # drop the export at once, or the owner's mmap cannot be closed
 
 
-def read_fully(readinto, view, exact):
-    """Fill view from readinto; the bytes read, fewer only at the end of the body. With exact,
-    a body that ends early means the client went away."""
-    got = 0
-    while got < len(view):
-        n = readinto(view[got:])
-        if not n:
-            if exact:
-                raise errors.ClientGone(f"request body ended {len(view) - got} bytes early")
-            break
-        got += n
-    return got
-
-
-_ZERO_PROBE = bytes(4096)
-_ZEROES = bytes(2 * 1024**2)
-
-
-def is_zero(view):
-    """True if every byte of view is zero: a compare of the first 4 KiB rejects almost all data;
-    zeros cost one copy and a memcmp (0.16 ms per 2 MiB)."""
-    if view[:4096] != _ZERO_PROBE[:len(view)]:
-        return False
-    n = len(view)
-    return view.tobytes() == (_ZEROES if n == len(_ZEROES) else bytes(n))
-
-
 class BlockLocks:
     """Locks keyed by block index, shared by a backend's channels: a read-modify-write of a
     partial block holds its block so a concurrent one on the same block cannot undo it."""

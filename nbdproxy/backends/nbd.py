@@ -4,11 +4,9 @@ Nothing here knows HTTP; failures of the NBD server become errors.BackendError.
 """
 
 import collections
-import contextlib
 import ctypes
 import logging
 import os
-import queue
 import re
 import select
 import sys
@@ -20,6 +18,8 @@ import nbd
 
 from .. import errors
 from . import Caps, Extent
+from .pipeline import Pipeline
+from .pool import Pool
 
 log = logging.getLogger("nbdproxy.nbd")
 
@@ -38,9 +38,6 @@ MAX_STATUS = 2**32 - 2**20
 # qemu-nbd (256 commands), medians of 3: 0.015 s one at a time; 0.007-0.008 s with 4, 8 or 32.
 STATUS_DEPTH = 8
 
-# How the data of one request is split into NBD commands, and how many are in flight at once.
-PIECE = 2 * 1024**2
-DEPTH_IN_FLIGHT = 4
 # Each piece goes to NBD as commands of at most this size (the nbd_request_size setting).
 # make bench, 2 GiB from qemu-nbd 7.2 (cache=none) over the unix socket, 1 connection, medians
 # of 3: 2 MiB commands 926-946 MiB/s (0.73-0.79x nbdcopy), 1 MiB 1017, 512 KiB 1052-1237
@@ -98,8 +95,10 @@ def parse_url(url):
     raise ValueError(f"unsupported NBD URL {url!r}")
 
 
-class Handle:
+class Handle(Pipeline):
     """One libnbd connection to the export, with the contexts this ticket needs."""
+
+    IO_ERRORS = (nbd.Error,)
 
     def __init__(self, address, dirty=False, metrics=None, request_size=REQUEST_SIZE,
                  timeout=None, connect_timeout=None):
@@ -135,7 +134,7 @@ class Handle:
             self.size = h.get_size()
             self.can_zero = h.can_zero()
             self.can_flush = h.can_flush()
-            self.can_multi_conn = h.can_multi_conn()
+            self.multi_conn = h.can_multi_conn()
             self.readonly = h.is_read_only()
             self.contexts = {c for c in (ALLOCATION, DEPTH, self.dirty_context)
                              if c and h.can_meta_context(c)}
@@ -185,6 +184,18 @@ class Handle:
         names = [n for n in names if n.startswith(BITMAP_PREFIX) and n != BITMAP_PREFIX]
         return names[0] if names else None
 
+    def caps(self, max_connections):
+        contexts = {"zero"} | ({"dirty"} if self.dirty_context in self.contexts else set())
+        return Caps(zero=self.can_zero, flush=self.can_flush, extents=frozenset(contexts),
+                    multi_conn=self.multi_conn, max_connections=max_connections,
+                    zero_copy=False)
+
+    def take_unflushed(self):
+        """The unflushed count, now forgotten (its bytes are lost or reported)."""
+        with self._count_lock:
+            n, self.unflushed = self.unflushed, 0
+            return n
+
     def written(self, n):
         """Count n bytes of a request that succeeded: the client was told they were written,
         so they must not be lost (the bytes of a failed request were never acknowledged)."""
@@ -213,163 +224,15 @@ class Handle:
         except (OSError, ValueError):
             return False
 
-    # Data. A request larger than one piece is moved by two threads: the connection's thread does
-    # the HTTP side, a worker keeps up to DEPTH_IN_FLIGHT NBD commands in flight and polls libnbd,
-    # so the socket and the NBD server work at the same time. Pieces are slots of the
-    # connection's buffer, handed between the threads; nothing is copied.
-
-    def _slots(self, buf):
-        view = memoryview(buf)
-        piece = min(PIECE, len(view) // DEPTH_IN_FLIGHT)
-        return [view[i * piece:(i + 1) * piece] for i in range(DEPTH_IN_FLIGHT)], piece
-
-    def read(self, buf, offset, length):
-        """Read [offset, offset+length) in pieces; yield a memoryview of buf per piece, in order.
-
-        A yielded view is valid until the next one is asked for.
-        """
-        slots, piece = self._slots(buf)
-        if length <= piece:
-            if length:
-                yield self.read_into(slots[0][:length], offset)
-            return
-        ready, free = queue.SimpleQueue(), queue.SimpleQueue()
-        for slot in slots:
-            free.put(slot)
-        worker = threading.Thread(target=self._read_ahead, args=(offset, length, free, ready),
-                                  name="nbd-read", daemon=True)
-        worker.start()
-        try:
-            for _ in range(-(-length // piece)):
-                item = ready.get()
-                if isinstance(item, BaseException):
-                    raise _backend_error("read", item)
-                slot, n = item
-                yield slot[:n]
-                free.put(slot)
-        finally:
-            free.put(None)
-            worker.join()
-
-    def read_into(self, view, offset):
-        """Fill view with the bytes from offset, its NBD commands all in flight at once."""
-        try:
-            for cookie, submitted in self._submit_read(view, offset):
-                self._wait(cookie, submitted)
-            return view
-        except nbd.Error as e:
-            raise _backend_error("read", e) from e
-
-    def _read_ahead(self, offset, length, free, ready):
-        """Worker of read(): submit reads into free slots, hand completed ones over in order."""
-        inflight = collections.deque()
-        pos, end = offset, offset + length
-        try:
-            while pos < end or inflight:
-                while pos < end:
-                    try:
-                        slot = free.get(block=not inflight)
-                    except queue.Empty:
-                        break
-                    if slot is None:
-                        return
-                    n = min(len(slot), end - pos)
-                    inflight.append((self._submit_read(slot[:n], pos), slot, n))
-                    pos += n
-                ready.put(self._retire_oldest(inflight))
-        except BaseException as e:
-            ready.put(e)
-        finally:
-            self._drain(inflight)
-
-    def write(self, readinto, buf, offset, length, on_written, limit, punch_hole=False,
-              check=None):
-        """Write what readinto(view) gives at offset: length bytes, or until it returns 0 when
-        length is None (a chunked body). Pieces that are all zeros become WRITE_ZEROES.
-
-        on_written(n) is called as each piece is acknowledged by the server. Nothing is written
-        past limit: RangeNotSatisfiable(limit) instead. check() runs before each piece is read
-        and again before it is sent: once it raises (a cancel), no new piece starts.
-        """
-        check = check or (lambda: None)
-        slots, piece = self._slots(buf)
-        zero_flags = 0 if punch_hole else nbd.CMD_FLAG_NO_HOLE
-        if length is not None and offset + length > limit:
-            raise errors.RangeNotSatisfiable(f"Writing {length} bytes at {offset} would pass the "
-                                             f"end of the image, {limit}", limit)
-        if length is not None and length <= piece:
-            if length:
-                check()
-                self._write_one(readinto, slots[0][:length], offset, zero_flags)
-                on_written(length)
-                self.written(length)
-            return
-        work, free = queue.SimpleQueue(), queue.SimpleQueue()
-        worker = threading.Thread(target=self._write_behind, args=(work, free, zero_flags),
-                                  name="nbd-write", daemon=True)
-        worker.start()
-        idle = list(slots)
-        busy = 0
-        acked = 0
-        pos = offset
-        end = None if length is None else offset + length
-        try:
-            while True:
-                if idle and (end is None or pos < end):
-                    check()
-                    slot = idle.pop()
-                    want = piece if end is None else min(piece, end - pos)
-                    n = _read_fully(readinto, slot[:want], exact=end is not None)
-                    if n == 0:
-                        end = pos
-                        idle.append(slot)
-                        continue
-                    if pos + n > limit:
-                        raise errors.RangeNotSatisfiable(
-                            f"The body passes the end of the image, {limit}", limit)
-                    check()     # reading a slow body may have taken long
-                    work.put((slot, n, pos, _is_zero(slot[:n])))
-                    pos += n
-                    busy += 1
-                    continue
-                if not busy:
-                    break
-                item = free.get()
-                if isinstance(item, BaseException):
-                    raise _backend_error("write", item)
-                slot, n = item
-                busy -= 1
-                idle.append(slot)
-                acked += n
-                on_written(n)
-            self.written(acked)
-        finally:
-            work.put(None)
-            worker.join()
-
-    def _write_one(self, readinto, view, offset, zero_flags):
-        _read_fully(readinto, view, exact=True)
-        try:
-            for cookie, submitted in self._submit_write(view, offset, _is_zero(view), zero_flags):
-                self._wait(cookie, submitted)
-        except nbd.Error as e:
-            raise _backend_error("write", e) from e
-
-    def _retire_oldest(self, inflight):
-        """Wait for the commands of the oldest piece in flight; (its slot, its length)."""
-        for cookie, submitted in inflight[0][0]:
-            self._wait(cookie, submitted)
-        _, slot, n = inflight.popleft()
-        return slot, n
-
     def _submit_read(self, view, offset):
         """Queue reads of view's bytes from offset; [(cookie, time submitted)]."""
         return self._submit_parts(self.h.aio_pread, view, offset)
 
-    def _submit_write(self, view, offset, zero, zero_flags):
+    def _submit_write(self, view, offset, zero, punch_hole):
         """Queue a write of view at offset, or one WRITE_ZEROES if it is all zero."""
         if zero and self.can_zero:
-            return [(self.h.aio_zero(len(view), offset, flags=zero_flags), time.monotonic())]
+            flags = 0 if punch_hole else nbd.CMD_FLAG_NO_HOLE
+            return [(self.h.aio_zero(len(view), offset, flags=flags), time.monotonic())]
         return self._submit_parts(self.h.aio_pwrite, view, offset)
 
     def _submit_parts(self, submit, view, offset):
@@ -377,31 +240,6 @@ class Handle:
         step = self.request_size
         return [(self._aio(submit, view[i:i + step], offset + i), time.monotonic())
                 for i in range(0, len(view), step)]
-
-    def _write_behind(self, work, free, zero_flags):
-        """Worker of write(): submit the pieces it is given, return each slot once written."""
-        inflight = collections.deque()
-        try:
-            while True:
-                try:
-                    item = work.get(block=not inflight)
-                except queue.Empty:
-                    item = False
-                if item is None:
-                    return
-                if item:
-                    slot, n, pos, zero = item
-                    inflight.append((self._submit_write(slot[:n], pos, zero, zero_flags), slot, n))
-                    if len(inflight) < DEPTH_IN_FLIGHT:
-                        continue
-                free.put(self._retire_oldest(inflight))
-        except BaseException as e:
-            free.put(e)
-            # Wait for the stop sign so the caller never blocks on a queue nobody serves.
-            while work.get() is not None:
-                pass
-        finally:
-            self._drain(inflight)
 
     def zero(self, offset, length, punch_hole, buf):
         """Zero [offset, offset+length) with WRITE_ZEROES of at most MAX_ZERO, ZERO_DEPTH of them
@@ -495,9 +333,10 @@ class Handle:
         finally:
             self._drain(inflight)
 
-    def extents(self, context, offset, length):
+    def extents(self, context, offset, length, check=None):
         """Yield Extents of context ("zero" or "dirty") covering [offset, offset+length), in
-        order, neighbours with equal flags merged; NotFound when the export cannot answer."""
+        order, neighbours with equal flags merged; NotFound when the export cannot answer.
+        check() runs for each run block status gives, so a long walk can be stopped."""
         if context == "dirty" and self.dirty_context not in self.contexts:
             raise errors.NotFound("The export has no dirty bitmap")
         if context not in ("zero", "dirty"):
@@ -506,6 +345,8 @@ class Handle:
         run = None
         pos = offset
         for n, flags in self.block_status(offset, length):
+            if check is not None:
+                check()
             zero = bool(flags.get(ALLOCATION, 0) & nbd.STATE_ZERO)
             if context == "dirty":
                 hole, dirty = False, bool(flags.get(bitmap, 0) & 1)
@@ -529,6 +370,9 @@ class Handle:
             return 0
 
         return [(self.h.aio_block_status(length, start, extent), None)], start, length, replies
+
+    def _failure(self, what, e):
+        return super()._failure(f"NBD {what}", e)
 
     def _aio(self, submit, part, offset):
         """Submit aio_pread or aio_pwrite on part, a memoryview that _wait() gives back."""
@@ -627,43 +471,6 @@ def _close(h):
         close()
 
 
-def _read_fully(readinto, view, exact):
-    """Fill view from readinto; return the bytes read, fewer only at the end of the body.
-
-    With exact, the body must fill the view: ending early means the client went away.
-    """
-    got = 0
-    while got < len(view):
-        n = readinto(view[got:])
-        if not n:
-            if exact:
-                raise errors.ClientGone(f"request body ended {len(view) - got} bytes early")
-            break
-        got += n
-    return got
-
-
-_ZERO_PROBE = bytes(4096)
-_ZEROES = bytes(PIECE)
-
-
-def _is_zero(view):
-    """True if every byte of view is zero; costs nothing measurable on data, whose first
-    kilobytes are almost never all zero, and one copy at memory speed on zeroes."""
-    if view[:4096] != _ZERO_PROBE[:len(view)]:
-        return False
-    n = len(view)
-    return view.tobytes() == (_ZEROES if n == PIECE else bytes(n))
-
-
-def _backend_error(what, e):
-    if isinstance(e, errors.Error):
-        return e
-    err = errors.BackendError(f"NBD {what} failed: {e}")
-    err.__cause__ = e   # the nbd.Error, with its errnum, also when it came from a worker
-    return err
-
-
 def _combine(replies, limit):
     """Cut the per-context extent lists at every boundary of any of them, up to limit bytes.
 
@@ -691,204 +498,16 @@ def _combine(replies, limit):
         yield n, flags
 
 
-class Pool:
-    """A ticket's NBD connections: reused across requests, at most `limit` open at once, closed
-    after `idle_timeout` seconds unused (0: when their request ends; None: never).
+def open_backend(url, dirty, settings):
+    """The backend of an nbd: ticket: a Pool of Handles to the export (no I/O here)."""
+    try:
+        address = parse_url(url)
+    except ValueError as e:
+        raise errors.BadRequest(f"Invalid ticket: {e}") from None
 
-    Nothing acknowledged is lost silently: a connection is flushed before it is closed, and
-    when that flush (or any flush) fails, or its server was already gone, every later flush
-    fails (API.md 4, 7e).
-    """
+    def connect():
+        return Handle(address, dirty, settings.metrics, settings.nbd_request_size,
+                      settings.nbd_timeout or None, settings.nbd_connect_timeout or None)
 
-    def __init__(self, address, dirty=False, limit=8):
-        self.address = address
-        self.dirty = dirty
-        self.limit = limit
-        self._cond = threading.Condition()
-        self._idle = []         # (handle, time it became idle), most recently used last
-        self._all = set()
-        self._closed = False
-        self._lost = None       # why acknowledged writes may be lost, once they may be
-        self.metrics = None
-        self.request_size = REQUEST_SIZE
-        self.timeout = None
-        self.connect_timeout = None
-        self.idle_timeout = None
-        self.closer = None          # the daemon's IdleCloser, which calls reap()
-
-    @classmethod
-    def for_ticket(cls, fields):
-        try:
-            address = parse_url(fields["url"])
-        except ValueError as e:
-            raise errors.BadRequest(f"Invalid ticket: {e}") from None
-        return cls(address, dirty=fields["dirty"])
-
-    def caps(self, h):
-        contexts = {"zero"} | ({"dirty"} if h.dirty_context in h.contexts else set())
-        return Caps(zero=h.can_zero, flush=h.can_flush, extents=frozenset(contexts),
-                    multi_conn=h.can_multi_conn, max_connections=self.limit, zero_copy=False)
-
-    @contextlib.contextmanager
-    def lend(self):
-        """A connected Handle for one request; a handle that saw an error is closed, not reused."""
-        h = self.acquire()
-        try:
-            yield h
-        except BaseException:
-            self.release(h, reuse=False)
-            raise
-        self.release(h)
-
-    handle = lend   # until the handlers use lend()
-
-    def acquire(self):
-        while True:
-            with self._cond:
-                h = self._take()
-            if h is None:
-                break
-            if h.alive():
-                return h
-            # Its server went away since it was used: a new server may be listening.
-            self._retire(h, "its NBD server went away")
-        return self._connect()
-
-    def _take(self):
-        """An idle handle, or None once there is room for a new one (waits at the limit)."""
-        while True:
-            if self._closed:
-                raise errors.Canceled("Ticket was removed")
-            if self._idle:
-                return self._idle.pop()[0]
-            if len(self._all) < self.limit:
-                return None
-            self._cond.wait()
-
-    def _connect(self):
-        placeholder = object()
-        with self._cond:
-            self._all.add(placeholder)
-        h = None
-        try:
-            h = Handle(self.address, self.dirty, self.metrics, self.request_size, self.timeout,
-                       self.connect_timeout)
-        finally:
-            with self._cond:
-                self._all.discard(placeholder)
-                if h is not None:
-                    self._all.add(h)
-                self._cond.notify()
-        return h
-
-    def release(self, h, reuse=True):
-        """Give a handle back; reuse=False closes it (it saw an error or has commands in flight)."""
-        with self._cond:
-            keep = reuse and not self._closed and self.idle_timeout != 0
-            if keep:
-                self._idle.append((h, time.monotonic()))
-                self._cond.notify()
-        if not keep:
-            self._retire(h, "its request failed" if not reuse else "it is no longer needed")
-        elif self.idle_timeout and self.closer is not None:
-            self.closer.watch(self)
-
-    def has_idle(self):
-        with self._cond:
-            return bool(self._idle)
-
-    def reap(self, now):
-        """Close the handles idle for idle_timeout; when the next one is due, or None."""
-        with self._cond:
-            expired = [h for h, since in self._idle if since + self.idle_timeout <= now]
-            self._idle = [(h, since) for h, since in self._idle if h not in expired]
-            due = min((since + self.idle_timeout for _, since in self._idle), default=None)
-        for h in expired:
-            self._retire(h, f"idle for {self.idle_timeout} s")
-        return due
-
-    def _retire(self, h, why):
-        """Close a handle for good, flushing it first when it holds acknowledged writes."""
-        if h.unflushed and not h.broken:
-            try:
-                h.flush()
-            except errors.BackendError as e:
-                log.warning("flush before closing an NBD connection to %s failed: %s",
-                            self.address, e)
-        if h.unflushed:
-            self._lose(h, f"its connection was closed unflushed: {why}")
-        h.close()
-        with self._cond:
-            self._all.discard(h)
-            self._cond.notify()
-
-    def _lose(self, h, why):
-        with h._count_lock:
-            n, h.unflushed = h.unflushed, 0
-        with self._cond:
-            first = self._lost is None
-            self._lost = self._lost or f"writes to NBD server {self.address} may be lost"
-        log.error("NBD server %s: %d acknowledged bytes may be lost (%s)%s", self.address, n,
-                  why, "; every later flush of this ticket fails" if first else "")
-
-    def flush(self, current):
-        """Make all data written through any connection of this ticket durable.
-
-        libnbd handles are thread-safe, so handles busy in other requests are flushed too.
-        """
-        with self._cond:
-            others = [h for h in self._all if isinstance(h, Handle) and h is not current]
-        targets = [current] if current.can_multi_conn else [current, *others]
-        for h in targets:
-            try:
-                h.flush(covers=others if h.can_multi_conn else ())
-            except errors.BackendError as e:
-                self._lose(h, str(e))
-        if self._lost is not None:
-            raise errors.BackendError(self._lost)
-
-    def close(self):
-        with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._cond.notify_all()
-        for h, _ in idle:
-            self._retire(h, "the ticket was removed")
-
-
-class IdleCloser:
-    """One thread for the daemon that closes pooled NBD connections idle past their pool's
-    idle_timeout (API.md 7e), so idle keep-alive clients do not hold an NBD server's slots."""
-
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._pools = set()
-        self._changed = False
-        threading.Thread(target=self._run, name="nbd-idle", daemon=True).start()
-
-    def watch(self, pool):
-        """pool has idle handles now: reap it when they are due."""
-        with self._cond:
-            self._pools.add(pool)
-            self._changed = True
-            self._cond.notify()
-
-    def _run(self):
-        while True:
-            with self._cond:
-                pools, self._changed = list(self._pools), False
-            now = time.monotonic()
-            next_due = None
-            for pool in pools:
-                due = pool.reap(now)
-                if due is None:
-                    with self._cond:
-                        # Unless a handle went idle since reap() looked (watch() came first).
-                        if not pool.has_idle():
-                            self._pools.discard(pool)
-                else:
-                    next_due = due if next_due is None else min(next_due, due)
-            with self._cond:
-                if not self._changed:
-                    self._cond.wait(None if next_due is None
-                                    else max(0.0, next_due - time.monotonic()))
+    return Pool(connect, f"NBD server {address}", settings.nbd_connections,
+                settings.nbd_idle_timeout, settings.closer)

@@ -21,14 +21,13 @@ import time
 
 from .. import errors
 from ..backends import nbd as nbd_backend
-from ..extents import iterate
+from ..backends.pipeline import DEPTH_IN_FLIGHT, PIECE
 from .image import ClientError
 
 log = logging.getLogger("nbdproxy.client")
 
 # A worker's buffer: the backend splits it into its pieces in flight.
-PIECE = nbd_backend.PIECE
-BUFFER_SIZE = PIECE * nbd_backend.DEPTH_IN_FLIGHT
+BUFFER_SIZE = PIECE * DEPTH_IN_FLIGHT
 
 PR_SET_PDEATHSIG = 1
 
@@ -195,11 +194,11 @@ class Handle(nbd_backend.Handle):
                 raise ClientError(f"{self.name}: {e}: no space left on device") from None
             raise ClientError(f"{self.name}: {e}") from None
 
-    def extents(self):
+    def zero_extents(self):
         """Yield (start, length, zero) covering the image, neighbours of equal flags merged."""
         with self._named_errors():
-            for start, length, (zero, _hole) in iterate(self, "zero", 0, self.size):
-                yield start, length, zero
+            for e in self.extents("zero", 0, self.size):
+                yield e.start, e.length, e.zero
 
     def read(self, buf, offset, length):
         """Yield memoryviews of buf holding [offset, offset+length) in order."""

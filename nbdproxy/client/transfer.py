@@ -303,7 +303,7 @@ def upload(filename, url, connections=None, cafile=None, secure=True, verify=Fal
                                       f"the target {target}")
                 stats = {"size": size, "copied": 0, "zeroed": 0, "connections": n,
                          "transport": client.transport}
-                plan = _upload_plan(_clipped(h.extents(), size), _target_data(client, size))
+                plan = _upload_plan(_clipped(h.zero_extents(), size), _target_data(client, size))
                 progress.total = size
                 ok = False
                 try:
@@ -452,5 +452,5 @@ def compute(h, algorithm=ALGORITHM, block_size=BLOCK_SIZE, size=None):
     """blkhash of [0, size) (default: all) of the image behind local handle h; whole zero blocks
     are not read."""
     size = h.size if size is None else size
-    zero = ((start, length) for start, length, is_zero in h.extents() if is_zero)
+    zero = ((start, length) for start, length, is_zero in h.zero_extents() if is_zero)
     return blkhash.compute(size, h.read_into, zero, algorithm, block_size)
