@@ -32,6 +32,7 @@ _STATUS = [
     (errors.MethodNotAllowed, 405),
     (errors.Conflict, 409),
     (errors.RangeNotSatisfiable, 416),
+    (errors.ServiceUnavailable, 503),
 ]
 
 
