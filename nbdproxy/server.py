@@ -352,13 +352,14 @@ class Server:
     def __init__(self, config):
         self.config = config
         self.metrics = metrics.Metrics()
-        self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics)
+        self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics,
+                                         config.max_tickets)
         self.metrics.registry = self.registry
         self.services = []
         self._stop = threading.Event()
 
     def _open_backend(self, fields):
-        pool = nbd_backend.Pool.for_ticket(fields)
+        pool = nbd_backend.Pool.for_ticket(fields, self.config.nbd_tls_certificates or None)
         pool.limit = self.config.nbd_connections
         pool.request_size = self.config.nbd_request_size
         pool.timeout = self.config.nbd_timeout or None
