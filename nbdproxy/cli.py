@@ -3,12 +3,41 @@
 import argparse
 import json
 import logging
+import re
 import sys
 import uuid
 
 from . import __version__, config, errors
 
 LOG_FORMAT = "%(asctime)s %(levelname)s [%(name)s] %(message)s"
+
+# Control characters (C0, DEL, C1) and the Unicode line and paragraph separators.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text):
+    """text with each control character written as its Python escape (CR LF -> \\r\\n)."""
+    return _UNSAFE.sub(lambda m: repr(m[0])[1:-1], text)
+
+
+class SafeFormatter(logging.Formatter):
+    """One log record is one line: ticket ids, URLs, paths and errors carry client strings, and a
+    CR or LF in them would start forged lines. The message is escaped; the lines of a traceback
+    are escaped too and indented, so that no line after a record's first can pass for a record."""
+
+    def formatMessage(self, record):
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei):
+        return self._indent(super().formatException(ei))
+
+    def formatStack(self, stack_info):
+        return self._indent(super().formatStack(stack_info))
+
+    @staticmethod
+    def _indent(text):
+        return "\n".join("  " + escape_controls(line) for line in text.split("\n"))
 
 
 def main(argv=None):
@@ -63,6 +92,11 @@ def build_parser():
     serve.add_argument("--nbd-connect-timeout", type=int, metavar="SECONDS",
                        help="fail a request whose NBD server does not complete the handshake "
                             "in this time (default 10; 0: wait forever)")
+    serve.add_argument("--nbd-tls-certificates", metavar="DIR",
+                       help="CA directory (ca-cert.pem) that verifies the NBD servers of "
+                            "nbds:// and nbds+unix:// ticket URLs (default: those are refused)")
+    serve.add_argument("--max-tickets", type=int, metavar="N",
+                       help="tickets at once; more get 503 (default 10000)")
     serve.add_argument("--remove-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--stop-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--initial-timeout", type=int, metavar="SECONDS",
@@ -135,7 +169,9 @@ def run_serve(args):
 
     flags = {name: getattr(args, name, None) for name in config.SETTINGS}
     cfg = config.load(args.conf_dir, flags)
-    logging.basicConfig(level=cfg.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(SafeFormatter(LOG_FORMAT))
+    logging.basicConfig(level=cfg.log_level, handlers=[handler])
     srv = server.Server(cfg)
     srv.bind()
     srv.install_signal_handlers()

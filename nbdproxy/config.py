@@ -30,6 +30,8 @@ SETTINGS = {
     "nbd_idle_timeout": (int, 5),
     "file_direct": (bool, True),
     "nbd_connect_timeout": (int, 10),
+    "nbd_tls_certificates": (str, ""),
+    "max_tickets": (int, 10_000),
     "remove_timeout": (int, 60),
     "stop_timeout": (int, 30),
     "initial_timeout": (int, 60),
@@ -112,6 +114,12 @@ def check(values):
         raise ConfigError(f"buffer_size: {size} must be 256 KiB to 1 GiB, a multiple of 4096")
     if values["max_connections"] < 1:
         raise ConfigError("max_connections: must be at least 1")
+    if values["max_tickets"] < 1:
+        raise ConfigError("max_tickets: must be at least 1")
+    ca_dir = values["nbd_tls_certificates"]
+    if ca_dir and not os.path.isfile(os.path.join(ca_dir, "ca-cert.pem")):
+        # libnbd reads the directory only when a connection is made: say it now.
+        raise ConfigError(f"nbd_tls_certificates: no ca-cert.pem in {ca_dir!r}")
     if not 1 <= values["nbd_connections"] <= 64:
         raise ConfigError("nbd_connections: must be from 1 to 64")
     request = values["nbd_request_size"]

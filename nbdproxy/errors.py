@@ -29,6 +29,10 @@ class Conflict(Error):
     """The resource is busy (409)."""
 
 
+class ServiceUnavailable(Error):
+    """A limit of the daemon is reached, such as max_tickets (503)."""
+
+
 class RangeNotSatisfiable(Error):
     """A range past the end of the ticket or the export (416)."""
 

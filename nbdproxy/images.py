@@ -4,6 +4,8 @@ import json
 import re
 import select
 import time
+import unicodedata
+import urllib.parse
 
 import webob
 
@@ -22,6 +24,9 @@ MAX_PATCH_BODY = 64 * 1024
 
 # How often a long request looks whether its client left (a poll(2) each time).
 CLIENT_CHECK_INTERVAL = 0.5
+# RFC 9110 5.6.2 token; RFC 8187 attr-char (what filename*= may hold unencoded).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_ATTR_CHARS = "!#$&+-.^_`|~"
 
 
 def json_response(obj, status=200, **headers):
@@ -108,6 +113,33 @@ def options(ctx, req, ticket_id):
 
 # GET and HEAD
 
+def content_disposition(filename):
+    """The Content-Disposition of a download (API.md 2): ASCII only, whatever the name holds."""
+    if not filename:
+        return "attachment"
+    if filename.isascii():
+        return "attachment; filename=" + _token_or_quoted(filename)
+    # RFC 6266 4.3: filename*= for clients that read it, an ASCII filename= for those that do not.
+    return (f"attachment; filename={_token_or_quoted(_ascii_fallback(filename))}; "
+            f"filename*=UTF-8''{urllib.parse.quote(filename, safe=_ATTR_CHARS)}")
+
+
+def _token_or_quoted(name):
+    if _TOKEN.fullmatch(name):
+        return name
+    # Tickets hold no control characters (tickets.validate); any that got here become "_" so
+    # that the header can never be split.
+    name = re.sub(r"[\x00-\x1f\x7f]", "_", name)
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _ascii_fallback(name):
+    # "é" -> "e" (its base letter), anything else outside ASCII -> "_".
+    decomposed = unicodedata.normalize("NFKD", name)
+    base = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return "".join(c if c.isascii() else "_" for c in base)
+
+
 def parse_range(header):
     """(start, end_inclusive or None) from a Range header; None without one; 416 if unusable."""
     if header is None:
@@ -131,8 +163,7 @@ def get(ctx, req, ticket_id, head=False):
         offset, length, status = _download_range(requested, ticket.size, h.size)
         headers = {
             "Content-Type": "application/octet-stream",
-            "Content-Disposition": ("attachment; filename=" + ticket.filename
-                                    if ticket.filename else "attachment"),
+            "Content-Disposition": content_disposition(ticket.filename),
             "Accept-Ranges": "bytes",
             "Content-Length": str(length),
         }

@@ -393,8 +393,10 @@ class Server:
             nbd_connections=config.nbd_connections, nbd_request_size=config.nbd_request_size,
             nbd_timeout=config.nbd_timeout, nbd_connect_timeout=config.nbd_connect_timeout,
             nbd_idle_timeout=config.nbd_idle_timeout, file_direct=config.file_direct,
+            nbd_tls_certificates=config.nbd_tls_certificates or None,
             closer=IdleCloser(), metrics=self.metrics)
-        self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics)
+        self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics,
+                                         config.max_tickets)
         self.metrics.registry = self.registry
         # One budget for the checksum buffers of both data services.
         self.checksum_budget = checksum.Budget(config.checksum_memory)

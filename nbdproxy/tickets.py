@@ -5,7 +5,11 @@ The registry is the only global mutable state of the daemon; it and each ticket 
 
 import bisect
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
+import re
 import threading
 import time
 
@@ -19,6 +23,15 @@ OPS = ("read", "write")
 # timeouts, and a size past 2**63 is no disk (and beyond 4300 digits int() and str() refuse).
 MAX_TIMEOUT = 2**31 - 1
 MAX_SIZE = 2**63 - 1
+
+# C0 and C1 controls and DEL (API.md 5): a filename goes into a response header and ids and URLs
+# into the log, where CR/LF would start forged lines.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+# glibc's malloc_trim, or None (another libc): after a bulk removal, it gives back to the system
+# the heap that tens of thousands of freed tickets leave behind.
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c") or None)
+_MALLOC_TRIM = getattr(_LIBC, "malloc_trim", None)
 
 
 def clock():
@@ -41,10 +54,31 @@ def _field(data, name, kind, required=True, default=None):
     return value
 
 
+def _check_strings(data):
+    """BadRequest naming the first string (key or value, at any depth) holding a control character."""
+    # A loop, not recursion: a body may nest as deeply as the JSON parser allows.
+    todo = [("", data)]
+    while todo:
+        where, value = todo.pop()
+        if isinstance(value, str):
+            if _CONTROL.search(value):
+                raise errors.BadRequest(f"Invalid ticket: {where} contains a control character")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if _CONTROL.search(key):
+                    raise errors.BadRequest(
+                        f"Invalid ticket: a key in {where or 'the ticket'} contains a control "
+                        "character")
+                todo.append((f"{where}[{key!r}]" if where else repr(key), item))
+        elif isinstance(value, list):
+            todo.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
+
+
 def validate(data):
     """Return the ticket's fields from a JSON object, or raise BadRequest("Invalid ticket: ...")."""
     if not isinstance(data, dict):
         raise errors.BadRequest("Invalid ticket: not a JSON object")
+    _check_strings(data)
     url = _field(data, "url", str)
     fields = {
         "uuid": _field(data, "uuid", str),
@@ -270,10 +304,11 @@ class Ticket:
 class Registry:
     """All tickets, by id. open_backend(fields) makes a ticket's (unconnected) NBD backend."""
 
-    def __init__(self, open_backend, remove_timeout=60, metrics=None):
+    def __init__(self, open_backend, remove_timeout=60, metrics=None, max_tickets=10_000):
         self._open_backend = open_backend
         self.metrics = metrics
         self.remove_timeout = remove_timeout
+        self.max_tickets = max_tickets
         self._lock = threading.Lock()
         self._tickets = {}
 
@@ -282,13 +317,19 @@ class Registry:
         if fields["uuid"] != ticket_id:
             raise errors.BadRequest(
                 f"Invalid ticket: uuid {fields['uuid']!r} does not match the URL's {ticket_id!r}")
+        self._check_room(ticket_id)     # before opening a backend for nothing
         backend = self._open_backend(fields)
         if fields["size"] is None:
             fields["size"] = backend.size
         ticket = Ticket(fields, backend, self.metrics)
-        with self._lock:
-            old = self._tickets.get(ticket_id)
-            self._tickets[ticket_id] = ticket
+        try:
+            with self._lock:
+                self._check_room(ticket_id)
+                old = self._tickets.get(ticket_id)
+                self._tickets[ticket_id] = ticket
+        except errors.ServiceUnavailable:
+            ticket.backend.close()
+            raise
         if old is not None:
             # Its running requests stop after their current piece; the pool closes idle
             # handles now and busy ones as they are given back.
@@ -297,6 +338,12 @@ class Registry:
         log.info("ticket added id=%s ops=%s size=%d url=%s",
                  ticket_id, ",".join(fields["ops"]), fields["size"], fields["url"])
         return ticket
+
+    def _check_room(self, ticket_id):
+        """ServiceUnavailable when a new ticket would pass max_tickets; replacing one never does."""
+        if len(self._tickets) >= self.max_tickets and ticket_id not in self._tickets:
+            raise errors.ServiceUnavailable(
+                f"Too many tickets: at most {self.max_tickets}; remove some first")
 
     def get(self, ticket_id):
         with self._lock:
@@ -345,6 +392,21 @@ class Registry:
                 self.remove(ticket.uuid, max(0, deadline - clock()))
             except errors.Conflict:
                 busy.append(ticket.uuid)
+        del tickets
+        with self._lock:
+            # A dict never shrinks as keys are deleted: a new one drops the table of them all.
+            self._tickets = dict(self._tickets)
+        _release_memory()
         if busy:
             raise errors.Conflict(f"Tickets {', '.join(busy)} are still in use after "
                                   f"{self.remove_timeout} s; they stay canceled")
+
+
+def _release_memory():
+    """Give the memory of removed tickets back to the system.
+
+    glibc keeps freed heap for reuse: after 100,000 tickets were removed, 190 MB stayed resident.
+    """
+    gc.collect()
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

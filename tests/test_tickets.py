@@ -186,6 +186,9 @@ BAD_FIELDS = [
     ("inactivity_timeout", "60"), ("inactivity_timeout", False), ("inactivity_timeout", -1),
     ("transfer_id", 1), ("filename", 1), ("sparse", "yes"), ("sparse", 1), ("dirty", 0),
     ("dirty", "true"),
+    # Control characters (issue 12, item 7): a filename goes into a header, the rest into logs.
+    ("filename", "a\r\nSet-Cookie: x=y"), ("filename", "a\x00b"), ("transfer_id", "t\x85"),
+    ("url", "nbd:unix:/x\n"), ("uuid", "a\rb"), ("ops", ["read", "write\n"]),
 ]
 
 
@@ -285,7 +288,7 @@ def test_put_ticket_headers(shared):
 @pytest.mark.parametrize("url", [
     "nbd:unix:/run/x.sock", "nbd:unix:/run/x.sock:exportname=sda", "nbd:localhost:10809",
     "nbd:localhost:10809:exportname=sda", "nbd:[::1]:10809", "nbd://localhost:10809/sda",
-    "nbd+unix:///sda?socket=/run/x.sock",
+    "nbd+unix:///sda?socket=/run/x.sock", "nbd://localhost/sda", "nbd+unix://?socket=/x.sock",
 ])
 def test_put_ticket_url_forms(shared, url):
     add(shared, ticket(url=url))
@@ -317,6 +320,10 @@ def test_put_ticket_bad_field(shared, key, value):
 @pytest.mark.parametrize("url", [
     "http://localhost/disk", "file:///var/tmp/disk.raw", "nbd:unix:", "nbd:", "nbd:localhost",
     "nbd:localhost:99999", "nbd+unix:///sda", "nbd://", "", "/run/x.sock",
+    # Issue 12, item 11: URLs libnbd could never connect with, or that read local files.
+    "NBD+UNIX:///sda?socket=/run/x.sock", "nbd://h:99999/", "nbd://h/x?socket=/run/x.sock",
+    "nbd+unix:///x?socket=/s&tls-psk-file=/etc/shadow", "nbd://h/x?tls-certificates=/etc",
+    "nbds://h/x",   # this daemon has no nbd_tls_certificates
 ])
 def test_put_ticket_bad_url(shared, url):
     t = ticket(url=url)

@@ -31,6 +31,7 @@ class Settings:
     nbd_connect_timeout: int = 10
     nbd_idle_timeout: int = 5
     file_direct: bool = True
+    nbd_tls_certificates: str = None    # CA directory for nbds:// tickets
     closer: object = None       # the daemon's pool.IdleCloser
     metrics: object = None
 
