@@ -485,6 +485,10 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
                     signal.SIGUSR2):
             signal.signal(sig, self._note_signal)
+        # The kernel may deliver a signal to any thread; then the main thread's read() is not
+        # interrupted and the Python handler would wait for it. The C handler writes to this
+        # pipe from whatever thread got the signal, so serve() always wakes.
+        signal.set_wakeup_fd(self._wake_w)
 
     def _note_signal(self, signum, _frame):
         self._signals.append(signum)

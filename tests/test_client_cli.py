@@ -204,7 +204,7 @@ def _local_extents(path):
     with local.Server(str(path), fmt, read_only=True) as server:
         h = server.connect()
         try:
-            return list(h.extents())
+            return list(h.zero_extents())
         finally:
             h.close()
 
