@@ -436,7 +436,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         """Send the body; if the data source fails after the head went out, close the connection."""
         write = self.wfile.write
         conn = self.connection_state
+        zero_copy = getattr(app_iter, "zero_copy", None)
         try:
+            if zero_copy is not None and not chunked and isinstance(self.wfile, _Writer):
+                # The backend sends from its storage to the socket (a plain one: not TLS).
+                for n in zero_copy(conn.sock):
+                    conn.bytes_out += n
+                return
             for chunk in app_iter:
                 if chunked:
                     if chunk:

@@ -19,6 +19,9 @@ WRITE_FEATURES = ["checksum", "extents", "flush", "zero"]
 _RANGE = re.compile(r"bytes=([0-9]{1,1000})-([0-9]{0,1000})")
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,1000})-([0-9]{1,1000}|\*)/([0-9]{1,1000}|\*)")
 
+# A zero-copy download sends this much per call: a cancel point, as a buffered piece is.
+ZERO_COPY_PIECE = 2 * 1024**2
+
 # A PATCH body is a small JSON object; anything larger is not one of ours.
 MAX_PATCH_BODY = 64 * 1024
 
@@ -201,17 +204,19 @@ def _download_range(requested, ticket_size, export_size):
 
 
 class Stream:
-    """A response body that uses a ticket's NBD handle while it is sent.
+    """A response body that uses a ticket's backend channel while it is sent.
 
-    close() (called by the server whether or not the body was sent) gives the handle back and
-    ends the ticket operation; a body not sent to the end counts as failed.
+    close() (called by the server whether or not the body was sent) gives the channel back and
+    ends the ticket operation; a body not sent to the end counts as failed. zero_copy, when not
+    None, is send_to(sock): the server may call it instead of iterating, on a plain socket.
     """
 
-    def __init__(self, ticket, h, operation, chunks):
+    def __init__(self, ticket, h, operation, chunks, zero_copy=None):
         self.ticket = ticket
         self.h = h
         self.operation = operation
         self.chunks = chunks
+        self.zero_copy = zero_copy and self._send_to(zero_copy)
         self.ok = False
         self.closed = False
         self.finished = False
@@ -219,6 +224,12 @@ class Stream:
     def __iter__(self):
         yield from self.chunks
         self.ok = True
+
+    def _send_to(self, counts):
+        def send_to(sock):
+            yield from counts(sock)
+            self.ok = True
+        return send_to
 
     def succeeded(self):
         """End the ticket operation now, before the last bytes reach the client, so that a client
@@ -251,7 +262,25 @@ def _download(ctx, ticket, h, offset, length):
                 yield view
                 operation.progress(len(view))
 
-    stream = Stream(ticket, h, operation, chunks())
+    def sent(sock):
+        """Zero copy: the channel sends each piece from the file itself; the same cancel points
+        and the same early finish as chunks()."""
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(ZERO_COPY_PIECE, end - pos)
+            last = pos + n == end
+            if last:
+                operation.progress(n)
+                stream.succeeded()
+            for _ in h.send_to(sock, pos, n):
+                pass
+            if not last:
+                operation.progress(n)
+            pos += n
+            yield n
+
+    zero_copy = sent if ticket.backend.caps(h).zero_copy else None
+    stream = Stream(ticket, h, operation, chunks(), zero_copy)
     return stream
 
 

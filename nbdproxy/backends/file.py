@@ -9,6 +9,7 @@ never fills the page cache); on /dev/shm 2152 vs 3034 MiB/s. Buffered, cached ex
 zero copy (caps.zero_copy) only for buffered fds; send_to on an O_DIRECT fd reads and sends.
 """
 
+import concurrent.futures
 import contextlib
 import errno
 import fcntl
@@ -19,7 +20,7 @@ import threading
 
 from .. import errors
 from . import Caps, Extent, fileio
-from .pipeline import is_zero, read_fully
+from .pipeline import DEPTH_IN_FLIGHT, Pipeline, is_zero, read_fully
 
 log = logging.getLogger("nbdproxy.file")
 
@@ -66,6 +67,10 @@ class FileBackend:
         self._cond = threading.Condition()
         self._idle, self._count, self._closed = [], 0, False
         self._flush_error = None
+        # Pieces of a large request are read and written by these threads, DEPTH_IN_FLIGHT at
+        # once per request, so the disk sees a queue and the socket works meanwhile.
+        self.io = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(32, DEPTH_IN_FLIGHT * max_connections), thread_name_prefix="file-io")
         self._flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         try:
             # Later channels reopen this fd: the inode the ticket was added on.
@@ -77,6 +82,7 @@ class FileBackend:
             self.sector = fileio.blk_sector_size(self._anchor) if self.block else self.align
         except OSError as e:
             os.close(self._anchor)
+            self.io.shutdown(wait=False)
             raise errors.BadRequest(f"Invalid ticket: {path}: cannot read: {e.strerror}") from None
 
     @property
@@ -161,24 +167,55 @@ class FileBackend:
             self._cond.notify_all()
         for ch in idle:
             ch.close()
+        # Threads end when idle; busy channels finish their pieces first.
+        self.io.shutdown(wait=False)
 
 
-class FileChannel:
+class FileChannel(Pipeline):
     """One fd of the backend's file, used by one request at a time. With O_DIRECT, the middle of
     a range goes straight between the caller's buffer and the disk; partial blocks at its edges
-    are read-modify-written through an aligned bounce buffer under the block's lock."""
+    are read-modify-written through an aligned bounce buffer under the block's lock.
+
+    Large reads and writes are pipelined (pipeline.Pipeline): each piece is one task of the
+    backend's thread pool, so pieces of one request are in flight together."""
+
+    IO_ERRORS = (OSError,)
 
     def __init__(self, backend, fd):
         self._b, self.fd = backend, fd
-        self._bounce = self._recv = None
+        self._recv = None
+        self._bounces = {}      # thread id -> its aligned bounce buffer (pieces run in parallel)
 
     def close(self):
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
-        for m in (self._bounce, self._recv):
+        for m in (self._recv, *self._bounces.values()):
             if m is not None:
                 m.close()
+        self._bounces.clear()
+
+    # Pipeline: a piece is a task of the backend's pool; its future is the cookie.
+
+    def _submit_read(self, view, offset):
+        return [(self._b.io.submit(self.read_into, view, offset), None)]
+
+    def _submit_write(self, view, offset, zero, punch_hole):
+        return [(self._b.io.submit(self._write_piece, view, offset, zero, punch_hole), None)]
+
+    def _wait(self, cookie, submitted=None):
+        cookie.result()
+
+    def _drain(self, inflight):
+        concurrent.futures.wait([f for cookies, *_ in inflight for f, _ in cookies])
+
+    def written(self, n):
+        """Nothing to track: a flush of any fd covers the whole file."""
+
+    def _failure(self, what, e):
+        if isinstance(e, OSError):
+            return errors.BackendError(f"{self._b.path}: {what} failed: {e.strerror or e}")
+        return super()._failure(what, e)
 
     @property
     def size(self):
@@ -218,20 +255,13 @@ class FileChannel:
             raise errors.BackendError(f"{self._b.path}: {what} failed: {e.strerror}") from e
 
     def _buf(self):
-        if self._bounce is None:
-            self._bounce = mmap.mmap(-1, PIECE)
-        return memoryview(self._bounce)
+        key = threading.get_ident()
+        bounce = self._bounces.get(key)
+        if bounce is None:
+            bounce = self._bounces[key] = mmap.mmap(-1, PIECE)
+        return memoryview(bounce)
 
     # Reading.
-
-    def read(self, buf, offset, length):
-        view = memoryview(buf)
-        piece = min(len(view), PIECE)
-        end = offset + length
-        while offset < end:
-            n = min(piece, end - offset)
-            yield self.read_into(view[:n], offset)
-            offset += n
 
     def read_into(self, view, offset):
         self.check(offset, len(view))
@@ -283,25 +313,15 @@ class FileChannel:
               check=None):
         if length is not None:
             self.check(offset, length, limit)
-        view = memoryview(buf)
-        piece = min(len(view), PIECE)
-        end = None if length is None else offset + length
-        while end is None or offset < end:
-            if check is not None:
-                check()
-            want = piece if end is None else min(piece, end - offset)
-            n = read_fully(readinto, view[:want], exact=end is not None)
-            if n == 0:
-                return
-            part = view[:n]
-            size = self.check(offset, n, limit)
-            with self._io("write"):
-                if is_zero(part):
-                    self._zero(offset, n, punch_hole, part, size)
-                else:
-                    self._write(part, offset, size)
-            on_written(n)
-            offset += n
+        super().write(readinto, buf, offset, length, on_written, limit, punch_hole, check)
+
+    def _write_piece(self, view, offset, zero, punch_hole):
+        size = self.check(offset, len(view))
+        with self._io("write"):
+            if zero:
+                self._zero(offset, len(view), punch_hole, view, size)
+            else:
+                self._write(view, offset, size)
 
     def _edges(self, offset, end, size, a):
         """Split [offset, end) into (start, end, how): "rmw" partial blocks, "direct" aligned

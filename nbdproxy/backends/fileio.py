@@ -241,8 +241,11 @@ def seek_data(fd, start, end):
 
 
 def _wait_writable(sock):
-    """For sockets with a timeout (non-blocking fds): wait until sock takes more."""
+    """For sockets with a timeout (non-blocking fds): wait until sock takes more. A blocking
+    socket says EAGAIN only when its SO_SNDTIMEO ran out: the client took nothing that long."""
     timeout = sock.gettimeout()
+    if timeout is None:
+        raise TimeoutError("the client read nothing for the inactivity timeout")
     if not select.select([], [sock], [], timeout)[1]:
         raise errors.ClientGone(f"the client took nothing for {timeout} s")
 
