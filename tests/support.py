@@ -81,6 +81,22 @@ def qemu_nbd(image, sock, fmt="raw", *extra):
                       "--format", fmt, "--socket", sock, *extra, image], sock)
 
 
+def restart(server):
+    """A new NBD server process on the same socket path (the killed one left its socket file)."""
+    if os.path.exists(server.sock):
+        os.unlink(server.sock)
+    return type(server)(server.argv, server.sock)
+
+
+def read_qcow2(image, sock, offset, length):
+    """Bytes of a qcow2 image as a fresh read-only qemu-nbd on sock reads them."""
+    server = qemu_nbd(image, sock, "qcow2", "--read-only")
+    try:
+        return read_export(server.sock, offset, length)
+    finally:
+        server.stop()
+
+
 def nbdkit(sock, plugin, *args):
     return NBDServer(["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock,
                       plugin, *args], sock)

@@ -18,7 +18,7 @@ import warnings
 
 import pytest
 
-from support import Daemon, nbdkit, qemu_nbd, read_export, request
+from support import Daemon, nbdkit, qemu_nbd, read_export, read_qcow2, request, restart
 
 MiB = 1024**2
 
@@ -44,13 +44,6 @@ def file_bytes(path, offset, length):
     with open(path, "rb") as f:
         f.seek(offset)
         return f.read(length)
-
-
-def restart(server):
-    """A new NBD server process on the same socket path (the killed one left its socket file)."""
-    if os.path.exists(server.sock):
-        os.unlink(server.sock)
-    return type(server)(server.argv, server.sock)
 
 
 class Client:
@@ -578,14 +571,6 @@ def test_delete_stops_put_after_current_piece(tmp_path, cert, one_export):
 
 # 7. Durability: an answered flush survives a SIGKILL of qemu-nbd
 
-def _read_qcow2(image, sock, offset, length):
-    server = qemu_nbd(image, sock, "qcow2", "--read-only")
-    try:
-        return read_export(server.sock, offset, length)
-    finally:
-        server.stop()
-
-
 def test_flushed_data_survives_kill(tmp_path, cert):
     import subprocess
     image = str(tmp_path / "disk.qcow2")
@@ -604,7 +589,7 @@ def test_flushed_data_survives_kill(tmp_path, cert):
         assert status == 200
         server.kill()
         kills += 1
-        assert _read_qcow2(image, check_sock, MiB, len(a)) == a
+        assert read_qcow2(image, check_sock, MiB, len(a)) == a
         server = restart(server)
 
         # PUT with flush=n on one connection (left open), PATCH flush on another.
@@ -619,8 +604,8 @@ def test_flushed_data_survives_kill(tmp_path, cert):
         server.kill()
         kills += 1
         keep.close()
-        assert _read_qcow2(image, check_sock, 16 * MiB, len(b)) == b
-        assert _read_qcow2(image, check_sock, MiB, len(a)) == a
+        assert read_qcow2(image, check_sock, 16 * MiB, len(b)) == b
+        assert read_qcow2(image, check_sock, MiB, len(a)) == a
         server = restart(server)
 
         # PATCH zero with flush: the zeros are there after a kill.
@@ -629,7 +614,7 @@ def test_flushed_data_survives_kill(tmp_path, cert):
         assert status == 200
         server.kill()
         kills += 1
-        got = _read_qcow2(image, check_sock, MiB, len(a))
+        got = read_qcow2(image, check_sock, MiB, len(a))
         assert got == a[:MiB] + bytes(MiB) + a[2 * MiB:]
         server = restart(server)
 
@@ -639,7 +624,7 @@ def test_flushed_data_survives_kill(tmp_path, cert):
         assert status == 200
         server.kill()
         kills += 1
-        if _read_qcow2(image, check_sock, 40 * MiB, len(c)) == c:
+        if read_qcow2(image, check_sock, 40 * MiB, len(c)) == c:
             warnings.warn("an unflushed qcow2 write survived SIGKILL; this run could not have "
                           "told a missing flush")
         server = restart(server)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support import Daemon, qemu_nbd, read_export, request
+from support import Daemon, qemu_nbd, read_qcow2, request, restart
 
 MiB = 1024**2
 
@@ -33,20 +33,6 @@ def block_hash(data, block_size):
     for i in range(0, len(data), block_size):
         outer.update(hashlib.blake2b(data[i:i + block_size], digest_size=32).digest())
     return outer.hexdigest()
-
-
-def restart(server):
-    if os.path.exists(server.sock):
-        os.unlink(server.sock)
-    return type(server)(server.argv, server.sock)
-
-
-def read_qcow2(image, sock, offset, length):
-    server = qemu_nbd(image, sock, "qcow2", "--read-only")
-    try:
-        return read_export(server.sock, offset, length)
-    finally:
-        server.stop()
 
 
 @pytest.fixture
