@@ -334,6 +334,33 @@ def test_upload(daemon, image, upload_file, open_page):
     assert read_image(path, IMAGE_SIZE) == data + before[len(data):]
 
 
+def test_upload_empty_file(daemon, image, open_page, tmp_path):
+    path, server = image
+    before = read_image(path, IMAGE_SIZE)
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    daemon.add_ticket(server.url, IMAGE_SIZE, ticket_id="empty")
+    page = open_page(nbdproxy_url(daemon, "empty"))
+    page.choose_file(str(empty))
+    status = page.run("upload")
+    assert status["state"] == "done", status
+    assert status["bytes"] == "0"
+    assert read_image(path, IMAGE_SIZE) == before
+
+
+def test_upload_larger_than_image(daemon, image, open_page, tmp_path):
+    path, server = image
+    big = tmp_path / "big"
+    big.write_bytes(bytes(IMAGE_SIZE + 1))
+    daemon.add_ticket(server.url, IMAGE_SIZE, ticket_id="small")
+    page = open_page(nbdproxy_url(daemon, "small"))
+    page.choose_file(str(big))
+    status = page.run("upload")
+    assert status["state"] == "error"
+    assert status["text"] == (f"the file ({IMAGE_SIZE + 1} bytes) is larger than the image "
+                              f"({IMAGE_SIZE} bytes)")
+
+
 def test_download_file_picker(daemon, image, open_page):
     path, server = image
     daemon.add_ticket(server.url, IMAGE_SIZE, ops=["read"], ticket_id="down")
@@ -440,6 +467,31 @@ def test_no_daemon(open_page):
         status = page.run("upload")
         assert status["state"] == "error"
         assert status["text"] == "ticket refused or daemon unreachable"
+
+
+def test_embedded_page_tells_parent(daemon, image, open_page):
+    """In a management UI's frame, the page posts how a transfer ended to its parent."""
+    path, server = image
+    daemon.add_ticket(server.url, IMAGE_SIZE, ops=["read"], ticket_id="embedded")
+    parent = open_page("unused")     # any page of the origin stands for the UI's
+    parent.evaluate(f"""new Promise(resolve => {{
+        window.messages = [];
+        window.addEventListener("message", e => window.messages.push(e.data));
+        const frame = document.createElement("iframe");
+        frame.id = "frame";
+        frame.src = "index.html?url={nbdproxy_url(daemon, 'embedded')}";
+        frame.onload = resolve;
+        document.body.appendChild(frame);
+    }})""")
+    parent.evaluate("""(() => {
+        const w = document.getElementById("frame").contentWindow;
+        w.showSaveFilePicker = async () =>
+            (await navigator.storage.getDirectory()).getFileHandle("framed.raw", {create: true});
+        w.document.getElementById("download").click();
+    })()""", gesture=True)
+    message = parent.wait_for("window.messages[0]")
+    assert message == {"type": "nbdproxy-transfer", "state": "done",
+                       "message": "downloaded 8.0 MiB", "bytes": IMAGE_SIZE}
 
 
 # ovirt-imageio: it allows only OPTIONS, GET and PUT cross-origin

@@ -37,9 +37,8 @@
     const value = $("url").value.trim();
     try {
       const u = new URL(value);
-      if ((u.protocol === "https:" || u.protocol === "http:") && u.pathname.startsWith("/images/")) {
-        return u.href;
-      }
+      const web = u.protocol === "https:" || u.protocol === "http:";
+      if (web && u.pathname.startsWith("/images/")) return u.href;
     } catch (e) { /* below */ }
     show("error", "enter a transfer URL: https://host:port/images/TICKET");
     return null;

@@ -136,7 +136,8 @@
     }
 
     /* Try PATCH once, with a zero of nothing: a network error means the browser refused it (the
-     * preflight did not allow PATCH), and PUT is used from then on; PUTs report their own errors. */
+     * preflight did not allow PATCH), and PUT is used from then on; PUTs report their own
+     * errors. */
     async probePatch() {
       try {
         await this.patchRequest({op: "zero", offset: 0, size: 0, flush: false});
@@ -159,7 +160,8 @@
       if (length > 0 && this.patch && isZero(data)) {
         await this.patchRequest({op: "zero", offset, size: length, flush: false});
       } else {
-        const headers = length > 0 ? {"Content-Range": `bytes ${offset}-${offset + length - 1}/*`} : {};
+        const range = `bytes ${offset}-${offset + length - 1}/*`;
+        const headers = length > 0 ? {"Content-Range": range} : {};
         await this.request("PUT", {flush: flush ? "y" : "n"}, {headers, body: data});
       }
       this.progress(length);
