@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES="qemu-utils nbdkit python3-libnbd libnbd-bin python3-venv python3-dev gcc curl openssl"
+# chromium: tests/test_browser.py runs the page in contrib/web/ in it.
+APT_PACKAGES="qemu-utils nbdkit python3-libnbd libnbd-bin python3-venv python3-dev gcc curl openssl chromium"
 missing=$(dpkg-query -W -f='${Package} ${Status}\n' $APT_PACKAGES 2>/dev/null \
           | awk '$NF != "installed" {print $1}'; \
           for p in $APT_PACKAGES; do dpkg-query -W "$p" >/dev/null 2>&1 || echo "$p"; done)

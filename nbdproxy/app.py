@@ -4,7 +4,7 @@ import logging
 
 import webob
 
-from . import checksum, errors, extents, images, tickets_api
+from . import checksum, cors, errors, extents, images, tickets_api
 from . import __version__
 
 log = logging.getLogger("nbdproxy.app")
@@ -111,6 +111,8 @@ class App:
             resp = handler(ctx, req, ticket_id)
         except Exception as e:
             resp = error_response(e)
+        if self.service != "control":
+            cors.add_headers(req, resp)
         if self.metrics is not None:
             self.metrics.request(op, resp.status_code)
         return resp
