@@ -123,10 +123,26 @@ class Target:
             raise AssertionError(f"{self.path} differs from the model at {first}")
 
     def close(self):
+        """Delete the tickets: then the daemon holds the file open no more."""
         for ticket_id in self.ids:
-            request(self.daemon.control(), "DELETE", f"/tickets/{ticket_id}")
+            assert request(self.daemon.control(), "DELETE", f"/tickets/{ticket_id}")[0] == 204
+        wait_for(lambda: not open_fds(self.daemon, self.path), what=f"{self.path} to be closed")
         if not self.block and os.path.exists(self.path):
             os.unlink(self.path)
+
+
+def open_fds(daemon, path):
+    """The daemon's fds on path (a removed file shows as "path (deleted)")."""
+    fds = f"/proc/{daemon.proc.pid}/fd"
+    found = []
+    for fd in os.listdir(fds):
+        try:
+            target = os.readlink(f"{fds}/{fd}")
+        except OSError:
+            continue
+        if target == path or target == path + " (deleted)":
+            found.append(fd)
+    return found
 
 
 @pytest.fixture(params=KINDS)
@@ -481,6 +497,7 @@ def test_extents(target):
     assert status == 400
     status, headers, _ = call(target, "GET", target.url(sub=f"/extents?start={size + 1}"))
     assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
+    target.assert_content()
 
 
 def test_checksum(target):
@@ -587,7 +604,25 @@ def test_delete_with_get_running(target):
     assert request(target.daemon.control(), "GET", f"/tickets/{ro}")[0] == 404
 
 
-# 7a. The file changes under the ticket
+# 7a. The file changes under the ticket, or is smaller than the ticket
+
+def test_ticket_larger_than_the_file(target):
+    """A ticket may say more than the file holds: the file's size bounds every request."""
+    size = target.size
+    big = target.add(size=size + 4096)
+    status, _, body = call(target, "OPTIONS", target.url(big))
+    assert json.loads(body)["size"] == size
+    status, _, body = call(target, "GET", target.url(big))
+    assert status == 200 and body == target.data
+    status, headers, _ = call(target, "GET", target.url(big), headers={"Range": f"bytes={size}-"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
+    status, headers, _ = call(target, "PUT", target.url(big), b"x" * 10,
+                              headers={"Content-Range": f"bytes {size - 5}-*/*"})
+    assert status == 416 and headers["Content-Range"] == f"bytes */{size}"
+    assert patch(target, {"op": "zero", "offset": size - 5, "size": 10}, big)[0] == 416
+    assert_covers(extents(target, ticket_id=big), 0, size)
+    target.assert_content()
+
 
 def test_range_past_the_current_size(target):
     """Truncated under the ticket: 416 with the current size; what is left is served."""
@@ -607,6 +642,8 @@ def test_range_past_the_current_size(target):
     status, _, body = call(target, "OPTIONS", target.url())
     assert json.loads(body)["size"] == half
     assert_covers(extents(target), 0, half)
+    status, headers, _ = call(target, "GET", target.url(sub=f"/extents?start={half + 1}"))
+    assert status == 416 and headers["Content-Range"] == f"bytes */{half}"
     assert put(target, half - 5, b"y" * 5)[0] == 200
     assert os.path.getsize(target.path) == half
     assert target.content() == target.data
@@ -623,6 +660,8 @@ def test_file_removed_or_replaced(target, how):
             f.write(b"other" * 1000)
     word = "removed" if how == "unlink" else "replaced"
     for method, sub, body, headers in [
+            ("OPTIONS", "", None, {}),
+            ("HEAD", "", None, {}),
             ("GET", "", None, {"Range": "bytes=0-9"}),
             ("GET", "", None, {}),
             ("PUT", "", b"x" * 10, {}),
@@ -632,7 +671,8 @@ def test_file_removed_or_replaced(target, how):
             ("GET", "/checksum", None, {})]:
         status, _, text = call(target, method, target.url(sub=sub), body, headers)
         assert status == 500, (method, sub, status, text)
-        assert text == b"Server failed to perform the request, check logs\n"
+        assert text == (b"" if method == "HEAD" else
+                        b"Server failed to perform the request, check logs\n")
     assert f"{target.path} was {word} under its ticket" in target.daemon.read_log()
     if how == "replace":
         assert open(target.path, "rb").read() == b"other" * 1000
