@@ -219,7 +219,10 @@ class FileChannel(Pipeline):
 
     @property
     def size(self):
-        return fileio.blk_size(self.fd) if self._b.block else os.fstat(self.fd).st_size
+        """The file's current size; BackendError if the path no longer names it. Handlers ask
+        before a response's headers go out, so a GET of a removed file is a 500, not a 206
+        cut short."""
+        return self.check(0, 0)
 
     def check(self, offset, length, limit=None):
         """The file's current size, after making sure the path still names our file and that
@@ -230,12 +233,13 @@ class FileChannel(Pipeline):
             now = os.stat(path)
         except OSError as e:
             now = e
+        # Replaced first: the old inode of a replaced file is unlinked too.
+        if not isinstance(now, OSError) and (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            log.error("%s was replaced under its ticket", path)
+            raise errors.BackendError(f"{path} was replaced under its ticket")
         if st.st_nlink == 0 or isinstance(now, OSError):
             log.error("%s was removed under its ticket", path)
             raise errors.BackendError(f"{path} was removed under its ticket")
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            log.error("%s was replaced under its ticket", path)
-            raise errors.BackendError(f"{path} was replaced under its ticket")
         size = fileio.blk_size(self.fd) if self._b.block else st.st_size
         bound = size if limit is None else min(size, limit)
         if offset + length > bound:
