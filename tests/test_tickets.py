@@ -963,3 +963,27 @@ def test_ticket_state_after_get(shared, shared_mem):
     finally:
         conn.close()
         control.close()
+
+
+def test_transferred_counts_written_pieces_while_the_body_stalls(tmp_path, cert):
+    """A PUT whose body stops coming: the pieces already written are in `transferred` (they
+    were counted only when the writer ran out of buffer slots)."""
+    server = NBDServer(["nbdkit", "--foreground", "--exit-with-parent", "--unix",
+                        str(tmp_path / "mem.sock"), "memory", "size=64M"],
+                       str(tmp_path / "mem.sock"))
+    d = Daemon(str(tmp_path / "d"), *cert)
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        d.add_ticket(server.url, 64 * MiB, ops=["write"])
+        s.connect(d.local_socket)
+        s.sendall(b"PUT /images/test HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+                  % (32 * MiB))
+        s.sendall(os.urandom(10 * MiB))     # then nothing
+        deadline = time.monotonic() + 10
+        while d.ticket_info()["transferred"] < 8 * MiB and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert d.ticket_info()["transferred"] >= 8 * MiB
+    finally:
+        s.close()
+        d.stop()
+        server.stop()

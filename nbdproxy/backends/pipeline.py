@@ -104,7 +104,9 @@ class Pipeline:
         """Write what readinto(view) gives at offset: length bytes, or until it returns 0 when
         length is None (a chunked body). Pieces that are all zeros become zero requests.
 
-        on_written(n) is called as each piece is acknowledged by the server. Nothing is written
+        on_written(n) is called as each piece is acknowledged by the server, from the worker
+        thread, so that `transferred` moves while the body stalls; when it raises (a cancel),
+        the write fails with that error. Nothing is written
         past limit: RangeNotSatisfiable(limit) instead. check() runs before each piece is read
         and again before it is sent: once it raises (a cancel), no new piece starts.
         """
@@ -121,7 +123,8 @@ class Pipeline:
                 self.written(length)
             return
         work, free = queue.SimpleQueue(), queue.SimpleQueue()
-        worker = threading.Thread(target=self._write_behind, args=(work, free, punch_hole),
+        worker = threading.Thread(target=self._write_behind,
+                                  args=(work, free, punch_hole, on_written),
                                   name="write-behind", daemon=True)
         worker.start()
         idle = list(slots)
@@ -157,7 +160,6 @@ class Pipeline:
                 busy -= 1
                 idle.append(slot)
                 acked += n
-                on_written(n)
             self.written(acked)
         finally:
             work.put(None)
@@ -179,8 +181,9 @@ class Pipeline:
         return slot, n
 
 
-    def _write_behind(self, work, free, punch_hole):
-        """Worker of write(): submit the pieces it is given, return each slot once written."""
+    def _write_behind(self, work, free, punch_hole, on_written):
+        """Worker of write(): submit the pieces it is given, report and return each slot once
+        written."""
         inflight = collections.deque()
         try:
             while True:
@@ -195,7 +198,9 @@ class Pipeline:
                     inflight.append((self._submit_write(slot[:n], pos, zero, punch_hole), slot, n))
                     if len(inflight) < DEPTH_IN_FLIGHT:
                         continue
-                free.put(self._retire_oldest(inflight))
+                slot, n = self._retire_oldest(inflight)
+                on_written(n)
+                free.put((slot, n))
         except BaseException as e:
             free.put(e)
             # Wait for the stop sign so the caller never blocks on a queue nobody serves.
