@@ -326,7 +326,7 @@ class Upstream:
                 if pos + n > limit:
                     raise errors.RangeNotSatisfiable(
                         f"The body passes the end of the image, {limit}", limit)
-                self._put(pos, n, lambda v=view[:n]: iter((v,)), check)
+                self._put(pos, n, lambda: (v for v in (view[:n],)), check)
                 on_written(n)
                 pos += n
         if offset + length > limit:
