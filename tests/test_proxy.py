@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -228,8 +229,13 @@ def test_options(image, proxy, kind):
     assert info["features"] == ["checksum", "extents", "flush", "zero"]
     assert info["size"] == SIZE
     assert info["unix_socket"] == proxy.local_socket      # the proxy's own, not the upstream's
-    # Both upstreams allow 8: the proxy no more.
-    assert 1 <= info["max_readers"] <= 8 and 1 <= info["max_writers"] <= 8
+    # The upstream's limits (both allow 8 readers and writers), never more.
+    conn = http.client.HTTPSConnection(UPSTREAM_HOST, image.upstream.port,
+                                       context=ssl.create_default_context(cafile=proxy.cert))
+    status, body = request(conn, "OPTIONS", image.url)
+    upstream = json.loads(body)
+    assert info["max_readers"] == min(upstream["max_readers"], upstream["max_writers"])
+    assert info["max_writers"] <= upstream["max_writers"]
 
 
 def test_options_read_only(tmp_path, upstreams, kind, proxy):
@@ -454,6 +460,19 @@ def test_upstream_refuses_after_first_use(tmp_path, upstreams, kind, proxy):
         img.close()
 
 
+def test_upstream_4xx_passed_on(tmp_path, upstreams, kind, proxy):
+    """A dirty proxy ticket in front of an upstream ticket that is not: the upstream's 404."""
+    img = Image(tmp_path, upstreams[kind], kind, proxy)
+    try:
+        tid = img.id + "-dirty"
+        proxy.add_ticket(img.upstream_url, SIZE, ticket_id=tid, ops=["read"], dirty=True)
+        status, body = request(proxy.local(), "GET", f"/images/{tid}/extents?context=dirty")
+        assert status == 404, body
+        request(proxy.control(), "DELETE", f"/tickets/{tid}")
+    finally:
+        img.close()
+
+
 def test_upstream_unreachable(proxy):
     with socket.socket() as s:
         s.bind((UPSTREAM_HOST, 0))
@@ -613,6 +632,11 @@ def test_imageio_client_through_proxy(tmp_path, upstreams, kind, proxy):
         dst2 = str(tmp_path / "dst2.raw")
         imageio_client.download(dead, dst2, proxy.cert, fmt="raw", proxy_url=url)
         assert open(dst2, "rb").read() == open(src, "rb").read()
+        with open(src, "r+b") as f:
+            f.seek(SIZE - MiB)
+            f.write(os.urandom(MiB))
+        imageio_client.upload(src, dead, proxy.cert, proxy_url=url)
+        assert img.data() == open(src, "rb").read()
     finally:
         img.close()
 
