@@ -19,7 +19,7 @@ import time
 import pytest
 from ovirt_imageio import client as imageio_client
 
-from support import (Daemon, qemu_nbd, read_export, request, response, wait_for_socket,
+from support import (Daemon, qemu_nbd, read_export, request, response,
                      UnixHTTPConnection)
 
 KiB = 1024
