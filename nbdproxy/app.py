@@ -33,6 +33,8 @@ _STATUS = [
     (errors.Conflict, 409),
     (errors.RangeNotSatisfiable, 416),
     (errors.ServiceUnavailable, 503),
+    (errors.BadGateway, 502),
+    (errors.UpstreamRefused, 400),     # its own status, below
 ]
 
 
@@ -47,6 +49,7 @@ def error_response(exc):
         else:
             log.error("Request failed", exc_info=exc)
         return text_response(500, SERVER_FAILED)
+    status = getattr(exc, "status", status)
     resp = text_response(status, str(exc))
     if status == 403:
         resp.headers["Connection"] = "close"

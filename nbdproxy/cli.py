@@ -101,6 +101,10 @@ def build_parser():
     serve.add_argument("--stop-timeout", type=int, metavar="SECONDS")
     serve.add_argument("--initial-timeout", type=int, metavar="SECONDS",
                        help="idle timeout of a connection before it uses a ticket (default 60)")
+    serve.add_argument("--backend-ca-file", metavar="FILE",
+                       help="CA certificates trusted for https: (proxy) tickets' upstreams")
+    serve.add_argument("--backend-timeout", type=int, metavar="SECONDS",
+                       help="how long an upstream may stall (default 300; 0: forever)")
     serve.add_argument("--checksum-memory", type=int, metavar="BYTES",
                        help="memory for the block buffers of all checksums at once "
                             "(default 256 MiB, at least 16 MiB)")

@@ -36,6 +36,8 @@ SETTINGS = {
     "stop_timeout": (int, 30),
     "initial_timeout": (int, 60),
     "checksum_memory": (int, 256 * 1024**2),
+    "backend_ca_file": (str, ""),
+    "backend_timeout": (int, 300),
 }
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -130,7 +132,7 @@ def check(values):
         raise ConfigError(f"log_level: {values['log_level']!r} is not one of {LOG_LEVELS}")
     values["log_level"] = values["log_level"].upper()
     for key in ("remove_timeout", "stop_timeout", "nbd_timeout", "nbd_idle_timeout",
-                "nbd_connect_timeout"):
+                "nbd_connect_timeout", "backend_timeout"):
         if values[key] < 0:
             raise ConfigError(f"{key}: must be >= 0")
     if values["checksum_memory"] < 16 * 1024**2:

@@ -54,6 +54,18 @@ class BackendError(Error):
     """The NBD server failed or could not be reached (500; the cause goes to the log)."""
 
 
+class BadGateway(Error):
+    """The upstream daemon of a proxy ticket failed or could not be reached (502)."""
+
+
+class UpstreamRefused(Error):
+    """The upstream daemon of a proxy ticket answered a 4xx: passed on with its status."""
+
+    def __init__(self, message, status):
+        super().__init__(message)
+        self.status = status
+
+
 class ClientGone(Error):
     """The HTTP client closed the connection or sent less than it announced."""
 

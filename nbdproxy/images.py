@@ -100,8 +100,11 @@ def options(ctx, req, ticket_id):
         size = min(ticket.size, ch.size)
         caps = ticket.backend.caps(ch)
     writable = ticket.may("write")
+    features = WRITE_FEATURES if writable else READ_FEATURES
+    if caps.features is not None:       # a proxy ticket: what its upstream has
+        features = [f for f in features if f in caps.features]
     info = {
-        "features": WRITE_FEATURES if writable else READ_FEATURES,
+        "features": features,
         "max_readers": caps.max_connections,
         "max_writers": caps.max_connections,
         "size": size,
@@ -250,9 +253,16 @@ class Stream:
 
 def _download(ctx, ticket, h, offset, length):
     operation = ticket.start("read", offset, length)
+    try:
+        # Asked here, not in chunks(): a backend that asks an upstream first (a proxy ticket)
+        # then fails before the response's head goes out, with the upstream's status.
+        views = h.read(ctx.connection.buffer(ctx.buffer_size), offset, length)
+    except BaseException:
+        ticket.finish(operation, False)
+        raise
 
     def chunks():
-        for view in h.read(ctx.connection.buffer(ctx.buffer_size), offset, length):
+        for view in views:
             if operation.done + len(view) >= length:
                 # The last piece: the request is done before the client can see its end.
                 operation.progress(len(view))

@@ -18,6 +18,7 @@ from . import __version__, checksum, http, metrics, tickets
 from .app import App
 from . import backends
 from .backends.pool import IdleCloser
+from .backends import http as backend_http
 from .errors import ConfigError
 
 log = logging.getLogger("nbdproxy.server")
@@ -394,7 +395,9 @@ class Server:
             nbd_timeout=config.nbd_timeout, nbd_connect_timeout=config.nbd_connect_timeout,
             nbd_idle_timeout=config.nbd_idle_timeout, file_direct=config.file_direct,
             nbd_tls_certificates=config.nbd_tls_certificates or None,
-            closer=IdleCloser(), metrics=self.metrics)
+            closer=IdleCloser(), metrics=self.metrics,
+            backend_timeout=config.backend_timeout,
+            backend_ssl=backend_http.tls_context(config.backend_ca_file))
         self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics,
                                          config.max_tickets)
         self.metrics.registry = self.registry
@@ -505,6 +508,7 @@ class Server:
                 return False
             if signum == signal.SIGHUP:
                 self.reload_tls()
+                self.reload_backend_ca()
             else:
                 log.info("ignoring %s", signal.Signals(signum).name)
         return True
@@ -525,6 +529,18 @@ class Server:
             service.tls = ctx       # read once per new connection
         log.info("SIGHUP: reloaded certificate %s and key %s (other settings need a restart)",
                  self.config.cert_file, self.config.key_file)
+
+    def reload_backend_ca(self):
+        """SIGHUP: read backend_ca_file again, for the upstream connections to come."""
+        if not self.config.backend_ca_file:
+            return
+        try:
+            self.backend_settings.backend_ssl = backend_http.tls_context(
+                self.config.backend_ca_file)
+        except ConfigError as e:
+            log.error("SIGHUP: keeping the current backend CA: %s", e)
+            return
+        log.info("SIGHUP: reloaded backend CA %s", self.config.backend_ca_file)
 
     def shutdown(self):
         """No new connections; idle ones close; running requests get stop_timeout to finish."""

@@ -20,6 +20,8 @@ class Caps:
     multi_conn: bool    # a flush on one channel covers all
     max_connections: int   # OPTIONS max_readers/max_writers
     zero_copy: bool     # channel has send_to/recv_from
+    checksum: bool = False      # channel has checksum(algorithm, block_size) (a proxy's upstream)
+    features: frozenset = None  # OPTIONS features it has (None: all)
 
 
 @dataclass
@@ -32,6 +34,8 @@ class Settings:
     nbd_idle_timeout: int = 5
     file_direct: bool = True
     nbd_tls_certificates: str = None    # CA directory for nbds:// tickets
+    backend_timeout: int = 300          # seconds an upstream may stall (0: forever)
+    backend_ssl: object = None          # the SSLContext verifying https: upstreams
     closer: object = None       # the daemon's pool.IdleCloser
     metrics: object = None
 
@@ -42,5 +46,8 @@ def open_backend(url, writable, dirty, settings):
     if url.startswith("file:"):
         from . import file
         return file.open_file(url, writable, settings.file_direct, settings.nbd_connections)
+    if url.startswith(("https:", "http:")):
+        from . import http
+        return http.open_backend(url, writable, settings)
     from . import nbd
     return nbd.open_backend(url, dirty, settings)
