@@ -40,6 +40,8 @@ SETTINGS = {
     "backend_timeout": (int, 300),
 }
 
+MAX_TIMEOUT = (2**31 - 1) // 1000      # 24.8 days
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
@@ -133,8 +135,9 @@ def check(values):
     values["log_level"] = values["log_level"].upper()
     for key in ("remove_timeout", "stop_timeout", "nbd_timeout", "nbd_idle_timeout",
                 "nbd_connect_timeout", "backend_timeout"):
-        if values[key] < 0:
-            raise ConfigError(f"{key}: must be >= 0")
+        # poll(2) takes milliseconds in a C int: past MAX_TIMEOUT seconds it overflows.
+        if not 0 <= values[key] <= MAX_TIMEOUT:
+            raise ConfigError(f"{key}: must be from 0 to {MAX_TIMEOUT} seconds")
     if values["checksum_memory"] < 16 * 1024**2:
         # Less could never hold one block of the largest block_size a checksum may ask for.
         raise ConfigError(f"checksum_memory: {values['checksum_memory']} must be at least 16 MiB")

@@ -287,6 +287,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
             # RFC 9112 6.3 lets a server refuse it; the connection closes.
             self.send_error(400, "Content-Length and Transfer-Encoding together")
             return False
+        coding = headers.get("transfer-encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # Any other coding, or chunked not alone and last: the body's end is unknown to us
+            # (RFC 9112 6.3); reading on would serve the body as the next request.
+            self.send_error(400, f"Unsupported Transfer-Encoding {coding[:40]!r}")
+            return False
         self.headers = headers
         connection = headers.get("connection", "").lower()
         if "close" in connection:
@@ -351,7 +357,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             if key not in ("CONTENT_LENGTH", "CONTENT_TYPE"):
                 key = "HTTP_" + key
             environ[key] = environ[key] + "," + value if key in environ else value
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        chunked = "HTTP_TRANSFER_ENCODING" in environ     # parse_request took only chunked
         if chunked:
             environ.pop("CONTENT_LENGTH", None)
             length = None

@@ -1,5 +1,6 @@
 """The daemon: binds the control, local and remote services, serves them, and stops cleanly."""
 
+import collections
 import errno
 import grp
 import itertools
@@ -36,6 +37,10 @@ REFUSE_TIMEOUT = 2
 # neither half-sent requests (slowloris) nor cheap ticket-less ones (GET /info/, OPTIONS
 # /images/*, 404s) can lock the transfers out.
 PENDING_GRACE = 2
+
+# A connection over the limit waits in line this long for a place (one that a connection closes,
+# or one made by closing a connection without a ticket once it is PENDING_GRACE old), then 503.
+WAIT_FOR_ROOM = PENDING_GRACE + 1
 
 # Control connections at once; more are closed at once (each costs a thread and a descriptor).
 MAX_CONTROL_CONNECTIONS = 16
@@ -168,7 +173,9 @@ class Limiter:
     Full, it makes room by closing the oldest connection that has not used a valid ticket (see
     PENDING_GRACE), if evict is on: clients without a ticket cannot lock the transfers out. The
     closed connection's place goes to the new one directly, so that no other new connection
-    (a client without a ticket reconnecting at once) can take it first.
+    (a client without a ticket reconnecting at once) can take it first. When no connection can
+    be closed yet, new ones wait in line (wait()): a freed place goes to the first in line, so
+    clients that reconnect before PENDING_GRACE cannot keep every place to themselves.
     """
 
     def __init__(self, limit, evict=True):
@@ -176,12 +183,50 @@ class Limiter:
         self._sem = threading.BoundedSemaphore(limit)
         self._lock = threading.Lock()
         self._slots = set()
+        self._line = collections.deque()    # [granted] of the connections waiting for a place
+        self._granted = threading.Condition(self._lock)
 
     def acquire(self):
-        return self._sem.acquire(blocking=False)
+        with self._lock:
+            return not self._line and self._sem.acquire(blocking=False)
 
     def release(self):
-        self._sem.release()
+        with self._lock:
+            if self._line:
+                self._line.popleft()[0] = True      # the place goes to the first in line
+                self._granted.notify_all()
+            else:
+                self._sem.release()
+
+    def wait(self, timeout):
+        """Wait in line up to timeout seconds for a place; True when this connection has one."""
+        me = [False]
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self._line.append(me)
+        while True:
+            with self._lock:
+                if me[0]:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._line.remove(me)
+                    return False
+                first = self._line[0] is me
+                if not first:
+                    self._granted.wait(min(left, 0.1))
+                    continue
+            # Connections age: the first in line looks again for one it may close.
+            if self.evict():
+                with self._lock:
+                    if me[0]:   # granted meanwhile too: give that place back
+                        self._sem.release()
+                    else:
+                        self._line.remove(me)
+                return True
+            with self._lock:
+                if not me[0]:
+                    self._granted.wait(min(deadline - time.monotonic(), 0.1))
 
     def track(self, sock):
         slot = _Slot(sock)
@@ -283,11 +328,11 @@ class Service:
                 threading.Thread(target=self._serve, args=(sock, address), daemon=True,
                                  name=f"{self.name}-conn").start()
                 return 0
-            log.warning("%s: too many connections, refusing one", self.name)
             if self.answer_refused and self._refusing.acquire(blocking=False):
-                threading.Thread(target=self._refuse, args=(sock,), daemon=True,
-                                 name=f"{self.name}-refuse").start()
+                threading.Thread(target=self._wait_for_room, args=(sock, address), daemon=True,
+                                 name=f"{self.name}-wait").start()
             else:
+                log.warning("%s: too many connections, refusing one", self.name)
                 sock.close()
             return 0
         threading.Thread(target=self._serve, args=(sock, address), daemon=True,
@@ -355,6 +400,20 @@ class Service:
     def busy(self):
         with self._lock:
             return sum(1 for c in self.connections if c.busy)
+
+    def _wait_for_room(self, sock, address):
+        """A connection over the limit waits in line for WAIT_FOR_ROOM, then gets a 503."""
+        try:
+            if self.limiter.wait(WAIT_FOR_ROOM):
+                self._refusing.release()
+                self._serve(sock, address)
+                return
+        except BaseException:
+            self._refusing.release()
+            sock.close()
+            raise
+        log.warning("%s: too many connections, refusing one", self.name)
+        self._refuse(sock)
 
     def _refuse(self, sock):
         """Answer 503 to a connection over the limit, in its own thread: after the TLS handshake
@@ -483,10 +542,10 @@ class Server:
         self._note_signal(signal.SIGTERM, None)
 
     def install_signal_handlers(self):
-        # SIGHUP, SIGUSR1 and SIGUSR2 too: their default action would kill the daemon
-        # mid-transfer, leaving socket files behind.
+        # The others too: their default action would kill the daemon mid-transfer, leaving
+        # socket files behind.
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
-                    signal.SIGUSR2):
+                    signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF):
             signal.signal(sig, self._note_signal)
         # The kernel may deliver a signal to any thread; then the main thread's read() is not
         # interrupted and the Python handler would wait for it. The C handler writes to this

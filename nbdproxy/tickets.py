@@ -27,6 +27,7 @@ MAX_SIZE = 2**63 - 1
 # C0 and C1 controls and DEL (API.md 5): a filename goes into a response header and ids and URLs
 # into the log, where CR/LF would start forged lines.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 # glibc's malloc_trim, or None (another libc): after a bulk removal, it gives back to the system
 # the heap that tens of thousands of freed tickets leave behind.
@@ -54,21 +55,32 @@ def _field(data, name, kind, required=True, default=None):
     return value
 
 
+def _bad_text(text):
+    """What is wrong with a ticket string, or None: control characters, or lone surrogates
+    (JSON's "\ud800" parses, but no header, log line or libnbd call can encode it)."""
+    if _CONTROL.search(text):
+        return "a control character"
+    if _SURROGATE.search(text):
+        return "a lone surrogate (not Unicode text)"
+    return None
+
+
 def _check_strings(data):
-    """BadRequest naming the first string (key or value, at any depth) holding a control character."""
+    """BadRequest naming the first string (key or value, at any depth) that is not plain text."""
     # A loop, not recursion: a body may nest as deeply as the JSON parser allows.
     todo = [("", data)]
     while todo:
         where, value = todo.pop()
         if isinstance(value, str):
-            if _CONTROL.search(value):
-                raise errors.BadRequest(f"Invalid ticket: {where} contains a control character")
+            bad = _bad_text(value)
+            if bad:
+                raise errors.BadRequest(f"Invalid ticket: {where} contains {bad}")
         elif isinstance(value, dict):
             for key, item in value.items():
-                if _CONTROL.search(key):
+                bad = _bad_text(key)
+                if bad:
                     raise errors.BadRequest(
-                        f"Invalid ticket: a key in {where or 'the ticket'} contains a control "
-                        "character")
+                        f"Invalid ticket: a key in {where or 'the ticket'} contains {bad}")
                 todo.append((f"{where}[{key!r}]" if where else repr(key), item))
         elif isinstance(value, list):
             todo.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
@@ -335,6 +347,10 @@ class Registry:
             # handles now and busy ones as they are given back.
             old.canceled = True
             old.backend.close()
+            # Writes lost through the old ticket stay lost for the client that goes on with
+            # the same id: its flushes keep failing until the ticket is removed (API.md 4).
+            if old.backend.lost:
+                ticket.backend.lose(old.backend.lost)
         log.info("ticket added id=%s ops=%s size=%d url=%s",
                  ticket_id, ",".join(fields["ops"]), fields["size"], fields["url"])
         return ticket

@@ -573,39 +573,39 @@ def test_buffer_size(tmp_path, serve):
     assert sum(sizes["Write"]) == 3 * MiB
 
 
-def test_max_connections(tmp_path, serve):
-    local = str(tmp_path / "local.sock")
-    s = serve(base_args(tmp_path, **{"--local-socket": local}) + ["--max-connections", "2"])
-    conns = [UnixHTTPConnection(local) for _ in range(2)]
+def test_max_connections(tmp_path, cert, mem):
+    """Full of connections that use a ticket (never closed to make room), a new one waits in
+    line for a place, then gets a 503 it can read; a closed connection makes room."""
+    d = Daemon(str(tmp_path), *cert, args=["--max-connections", "2"])
+    conns = [d.local() for _ in range(2)]
     try:
+        d.add_ticket(mem.url, 16 * MiB)
         for conn in conns:
-            assert response(conn, "OPTIONS", "/images/*").status == 200
-        extra = UnixHTTPConnection(local)
+            assert response(conn, "OPTIONS", "/images/test").status == 200
+        extra = d.local()
+        started = time.monotonic()
         resp = response(extra, "OPTIONS", "/images/*")
         extra.close()
         assert resp.status == 503
+        assert time.monotonic() - started >= 2.5     # server.WAIT_FOR_ROOM
         assert resp.getheader("Connection") == "close"
         assert resp.getheader("Content-Length") == str(len(resp.data))
         assert resp.getheader("Server").startswith("nbdproxy/")
         assert resp.getheader("Date")
         # The control socket is not limited.
-        assert request(UnixHTTPConnection(str(tmp_path / "control.sock")), "GET",
-                       "/tickets/")[0] == 200
-        # The kept connections still work; a closed one makes room.
-        assert response(conns[0], "OPTIONS", "/images/*").status == 200
+        assert request(d.control(), "GET", "/tickets/")[0] == 200
+        # The kept connections still work; a closed one makes room for one waiting.
+        assert response(conns[0], "OPTIONS", "/images/test").status == 200
+        waiting = d.local()
+        waiting.request("OPTIONS", "/images/*")
+        time.sleep(0.5)
         conns[0].close()
-        deadline = time.monotonic() + 5
-        while True:
-            status = request(UnixHTTPConnection(local), "OPTIONS", "/images/*")[0]
-            if status == 200 or time.monotonic() > deadline:
-                break
-            time.sleep(0.05)
-        assert status == 200
+        assert waiting.getresponse().status == 200
+        waiting.close()
     finally:
         for conn in conns:
             conn.close()
-    assert "too many connections" in s.read_log()
-    assert s.stop() == 0
+        d.stop()
 
 
 def test_max_connections_per_service(tmp_path, serve):
@@ -622,10 +622,15 @@ def test_max_connections_per_service(tmp_path, serve):
     try:
         assert response(tcp, "GET", "/info/").status == 200
         assert response(kept, "OPTIONS", "/images/*").status == 200
-        # Each service is full now: a second connection to either gets 503.
-        assert request(UnixHTTPConnection(local), "OPTIONS", "/images/*")[0] == 503
+        # Each service is full now: a second connection to either waits in line, and gets the
+        # place of the one that used no ticket once that one is PENDING_GRACE old.
+        started = time.monotonic()
+        assert request(UnixHTTPConnection(local), "OPTIONS", "/images/*")[0] == 200
         other = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-        assert request(other, "GET", "/info/")[0] == 503
+        assert request(other, "GET", "/info/")[0] == 200
+        assert time.monotonic() - started >= 1.5
+        with pytest.raises((ConnectionError, http.client.HTTPException)):
+            response(kept, "OPTIONS", "/images/*")
     finally:
         tcp.close()
         kept.close()
@@ -822,12 +827,13 @@ def test_tls_connection_log_line(mem, daemon):   # mem first: it stops after the
         time.sleep(0.02)
 
 
-def test_max_connections_tls(tmp_path, cert):
+def test_max_connections_tls(tmp_path, cert, mem):
     """Over TLS the 503 comes after the handshake, so an HTTPS client can read it."""
     d = Daemon(str(tmp_path), *cert, args=["--max-connections", "1"])
     try:
+        d.add_ticket(mem.url, 16 * MiB)
         kept = d.remote()
-        assert response(kept, "GET", "/info/").status == 200
+        assert response(kept, "OPTIONS", "/images/test").status == 200
         resp = response(d.remote(), "PUT", "/images/x", b"y" * 100000)
         assert resp.status == 503
         assert resp.data == b"Too many connections\n"

@@ -144,6 +144,14 @@ class FileBackend:
             os.close(self._anchor)
             self._anchor = None
 
+    @property
+    def lost(self):
+        """Why written data may be lost (a flush failed), or None: then every flush fails."""
+        return self._flush_error and f"{self.path}: an earlier flush failed ({self._flush_error})"
+
+    def lose(self, why):
+        self._flush_error = self._flush_error or why
+
     def flush(self, ch):
         """fdatasync: covers what every channel wrote. The kernel reports a writeback error once
         per fd, so a failure is kept and fails every later flush."""

@@ -109,7 +109,10 @@ class Pool:
             self._idle = [(h, since) for h, since in self._idle if h not in expired]
             due = min((since + self.idle_timeout for _, since in self._idle), default=None)
         for h in expired:
-            self._retire(h, f"idle for {self.idle_timeout} s")
+            # Its own thread: the flush before the close may wait up to nbd_timeout on a server
+            # that does not answer, and the closer serves every ticket of the daemon.
+            threading.Thread(target=self._retire, args=(h, f"idle for {self.idle_timeout} s"),
+                             name="idle-close", daemon=True).start()
         return due
 
     def _retire(self, h, why):
@@ -125,6 +128,16 @@ class Pool:
         with self._cond:
             self._all.discard(h)
             self._cond.notify()
+
+    @property
+    def lost(self):
+        """Why acknowledged writes may be lost, or None: then every flush fails."""
+        return self._lost
+
+    def lose(self, why):
+        """Take over the loss of a ticket this one replaces: its writes may be lost too."""
+        with self._cond:
+            self._lost = self._lost or why
 
     def _lose(self, h, why):
         n = h.take_unflushed()
