@@ -20,15 +20,17 @@ def _as_dict(context, e):
     return {"start": e.start, "length": e.length, "zero": e.zero, "hole": e.hole}
 
 
+def _number(text):
+    """An integer >= 0 in ASCII digits (int() takes "1_0", "+1" and full-width digits too)."""
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
+        raise errors.BadRequest(f"start and length must be integers >= 0, not {text[:30]!r}")
+    return int(text)
+
+
 def _window(req, size):
     """The [start, start+length) window asked with ?start=S&length=L, clipped to the image."""
-    try:
-        start = int(req.GET.get("start", "0"))
-        length = int(req.GET["length"]) if "length" in req.GET else None
-    except ValueError:
-        raise errors.BadRequest("start and length must be integers") from None
-    if start < 0 or (length is not None and length < 0):
-        raise errors.BadRequest("start and length must be >= 0")
+    start = _number(req.GET.get("start", "0"))
+    length = _number(req.GET["length"]) if "length" in req.GET else None
     if start > size:
         raise errors.RangeNotSatisfiable(f"start {start} is past the image size {size}", size)
     end = size if length is None else min(size, start + length)

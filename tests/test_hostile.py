@@ -306,3 +306,11 @@ def test_sigalrm_does_not_kill_the_daemon(tmp_path):
     finally:
         d.stop()
     assert not os.path.exists(d.control_socket)
+
+
+@pytest.mark.parametrize("query", ["start=%EF%BC%91", "start=1_0", "start=+1", "length=-1",
+                                   "length=%D9%A1", "start=x"])
+def test_extents_window_is_ascii_digits(mem_daemon, query):
+    """int() takes '1_0', '+1' and full-width digits: the window's numbers are ASCII digits."""
+    status, body = request(mem_daemon.local(), "GET", f"/images/test/extents?{query}")
+    assert status == 400, body
