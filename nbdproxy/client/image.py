@@ -8,6 +8,7 @@ server is on this host, and stays on TCP when that does not work.
 import http.client
 import json
 import logging
+import re
 import socket
 import ssl
 import urllib.parse
@@ -311,12 +312,31 @@ class ImageClient:
         end = offset + length - 1
         resp = self._send("GET", self.path, headers={"Range": f"bytes={offset}-{end}"})
         self._check(resp, "GET", (200, 206))
-        if resp.length is not None and resp.length != length:
+        problem = self._range_problem(resp, offset, length)
+        if problem:
             resp.close()
-            self._conn.close()
-            raise ClientError(f"{self.url}: asked for {length} bytes at {offset}, "
-                              f"the server sends {resp.length}")
+            self._conn.close()      # the body is not read: the connection is done
+            raise ClientError(f"{self.url}: asked for bytes {offset}-{end}, {problem}")
         return resp
+
+    def _range_problem(self, resp, offset, length):
+        """Why resp does not carry exactly [offset, offset+length) of the image, or None.
+
+        A 206 must say that range in Content-Range; a 200 is the whole image (the server ignored
+        Range, as RFC 9110 lets it), which is the range only when that is all of the image.
+        """
+        if resp.status == 206:
+            header = resp.getheader("Content-Range")
+            m = _CONTENT_RANGE.fullmatch(header.strip()) if header else None
+            if not m or (int(m[1]), int(m[2])) != (offset, offset + length - 1):
+                return f"the server sends {_shown(header)} (206)"
+        elif offset != 0 or length != self.info.get("size"):
+            return "the server sends the whole image instead (200)"
+        elif resp.length is None:
+            return "the server sends the whole image (200) of unknown length"
+        if resp.length is not None and resp.length != length:
+            return f"the server sends {resp.length} bytes"
+        return None
 
     def readinto(self, offset, view):
         """Read len(view) bytes at offset into view."""
@@ -374,6 +394,17 @@ class ImageClient:
             raise ClientError(f"{self.url}: checksum: expecting a JSON object with a "
                               "\"checksum\" string")
         return result
+
+
+# A 206's Content-Range (RFC 9110 14.4): the range it carries, and the total or "*".
+_CONTENT_RANGE = re.compile(r"bytes[ ]+(\d+)-(\d+)/(?:\d+|\*)", re.IGNORECASE)
+
+
+def _shown(header):
+    """A header's value as it may go into a one-line message."""
+    if header is None:
+        return "no Content-Range"
+    return f"Content-Range {header[:80]!r}"
 
 
 def read_fully(readinto, view, client=None):
