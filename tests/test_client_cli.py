@@ -399,7 +399,9 @@ def test_disk_full(daemon, exports, tmp_path):
 # Interruption: no qemu-nbd left behind
 
 def qemu_nbd_serving(path):
-    """Pids of qemu-nbd processes whose command line names path."""
+    """Pids of qemu-nbd processes whose command line names path (a file name, or a function
+    of the file names that matches)."""
+    match = path if callable(path) else lambda arg: arg == str(path).encode()
     pids = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -409,7 +411,7 @@ def qemu_nbd_serving(path):
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"qemu-nbd") and str(path).encode() in argv:
+        if argv and argv[0].endswith(b"qemu-nbd") and any(map(match, argv)):
             pids.append(int(pid))
     return pids
 
@@ -447,13 +449,21 @@ def slow_export(daemon, tmp_path):
     server.stop()
 
 
+def temporary_of(out):
+    """The client's name for the file a download to out writes until it is done."""
+    prefix = str(out.parent / f".{out.name}.nbdproxy-").encode()
+    return lambda arg: arg.startswith(prefix)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_download(daemon, slow_export, tmp_path, sig):
+    """Interrupted, the download removes what it wrote and keeps the FILE the user had."""
     out = tmp_path / "out.qcow2"
+    out.write_bytes(b"precious" * 4096)
     proc = subprocess.Popen(NBDPROXY + ["download", slow_export, str(out), "--cafile",
                                         daemon.cert], cwd=TOP, stderr=subprocess.PIPE, text=True)
     try:
-        pids = wait_for(lambda: qemu_nbd_serving(out))
+        pids = wait_for(lambda: qemu_nbd_serving(temporary_of(out)))
         tmpdirs = private_dirs(pids)
         time.sleep(0.5)
         proc.send_signal(sig)
@@ -467,7 +477,8 @@ def test_interrupted_download(daemon, slow_export, tmp_path, sig):
             assert not any(os.path.exists(d) for d in tmpdirs)
             assert proc.returncode == 130, err
             assert err.strip() == "nbdproxy: interrupted"
-            assert not out.exists()
+            assert not [name for name in os.listdir(tmp_path) if ".nbdproxy-" in name]
+        assert out.read_bytes() == b"precious" * 4096
         # qemu-nbd is gone too, even after SIGKILL (it gets SIGTERM when its parent dies).
         wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and
                                  not _zombie(pid) for pid in pids), timeout=10)

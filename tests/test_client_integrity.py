@@ -511,6 +511,66 @@ def test_download_takes_a_range_said_another_way(fake, tmp_path, ranges):
     assert [r[1:] for r in server.requests if r[0] == "RANGE"] == [(0, S)]
 
 
+# Review 2: a download that fails leaves a FILE the user had as it was.
+
+FAILURES = {
+    "extents": dict(extents=fixed(LYING_MAPS["ends-early"])),
+    "range": dict(ranges="shifted"),
+    "verify": dict(checksum={"algorithm": "blake2b", "block_size": 4 * MiB, "checksum": "00"}),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("name", ["backup.raw", "backup.qcow2"])
+def test_failed_download_keeps_the_users_existing_file(fake, tmp_path, failure, name):
+    kw = {"extents": HONEST, **FAILURES[failure]}
+    server = fake(dict(READ, size=S), kw.pop("extents"), **kw)
+    out = tmp_path / name
+    out.write_bytes(b"precious" * 4096)
+    p = cli("download", server.url, out, "--verify", "--connections", "1")
+    line = assert_one_line_error(p)
+    assert ".nbdproxy-" not in line         # the error names the user's file, if any
+    assert out.read_bytes() == b"precious" * 4096
+    assert not leftovers(tmp_path)
+
+
+def test_download_replaces_an_existing_file(fake, fake_image, tmp_path):
+    """Success replaces FILE (a larger one, an image of another format) with exactly the
+    download, verified; its permissions stay; a symbolic link stays a link to the new file."""
+    server = fake(dict(READ, size=S), HONEST, checksum=transfer.checksum(fake_image))
+    out = tmp_path / "backup.raw"
+    write_raw(out, 4 * S, [(0, 4 * S)])
+    os.chmod(out, 0o640)
+    assert_ok(cli("download", server.url, out, "--verify"))
+    assert out.read_bytes() == bytes(server.data)
+    assert os.stat(out).st_mode & 0o777 == 0o640
+    qcow2 = tmp_path / "backup.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "1G"], check=True)
+    link = tmp_path / "latest.qcow2"
+    link.symlink_to("backup.qcow2")
+    assert_ok(cli("download", server.url, link, "--verify"))
+    assert link.is_symlink()
+    assert virtual_size(qcow2) == S
+    compare(out, qcow2)
+    assert not leftovers(tmp_path)
+
+
+def test_download_onto_its_backing_file_is_refused(fake, tmp_path):
+    """FILE in the chain of --backing-file would be replaced by an image on top of itself."""
+    server = fake(dict(READ, size=S), HONEST)
+    full = tmp_path / "full.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(full), str(S)], check=True)
+    incr = tmp_path / "incr.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "full.qcow2", "-F", "qcow2",
+                    str(incr)], check=True)
+    before = full.read_bytes()
+    for backing in (full, incr):
+        p = cli("download", server.url, full, "--backing-file", backing)
+        assert_one_line_error(p, "backing chain")
+    assert full.read_bytes() == before
+    assert not leftovers(tmp_path)
+
+
 # Defect 4: sizes that are not a multiple of 512.
 
 ODD = 100001
