@@ -85,7 +85,10 @@ class ImageClient:
     """One HTTP connection to /images/TICKET. clone() makes another on the same transport."""
 
     def __init__(self, url, cafile=None, secure=True, unix_socket=True, timeout=60):
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError as e:     # "Invalid IPv6 URL"
+            raise ClientError(f"invalid URL {url!r}: {e}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ClientError(f"invalid URL {url!r}: expecting https://HOST:PORT/images/TICKET")
         path = parts.path.rstrip("/")
@@ -98,19 +101,25 @@ class ImageClient:
         self.url = url
         self.scheme = parts.scheme
         self.host = parts.hostname
-        self.path = path
+        # A ticket id may be any text: what HTTP cannot carry as it is goes percent-encoded
+        # (UTF-8; a byte that was not UTF-8 on the command line goes as that byte).
+        self.path = urllib.parse.quote(path, safe="/%!$&'()*+,;=:@", errors="surrogateescape")
         self.timeout = timeout
         self.context = ssl_context(cafile, secure) if self.scheme == "https" else None
         self.transport = "tcp"
         self.unix_path = None
-        self._conn = self._new_connection()
+        try:
+            self._conn = self._new_connection()
+        except http.client.InvalidURL as e:     # a host with a space or a control character
+            raise ClientError(f"invalid URL {url!r}: {e}") from None
         self.info = self._options()
         if unix_socket:
             self._try_unix_socket()
 
     @property
     def where(self):
-        return f"{self.scheme}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
 
     # Connections
 
