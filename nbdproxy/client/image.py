@@ -406,7 +406,7 @@ class ImageClient:
 
 
 # A 206's Content-Range (RFC 9110 14.4): the range it carries, and the total or "*".
-_CONTENT_RANGE = re.compile(r"bytes[ ]+(\d+)-(\d+)/(?:\d+|\*)", re.IGNORECASE)
+_CONTENT_RANGE = re.compile(r"bytes[ ]+(\d+)-(\d+)/(?:\d+|\*)", re.IGNORECASE | re.ASCII)
 
 
 def _shown(header):

@@ -203,7 +203,8 @@ class _UploadWorker(_Worker):
 
 def download(url, filename, fmt=None, incremental=False, backing_file=None, connections=None,
              cafile=None, secure=True, verify=False, progress=None, unix_socket=True):
-    """Download the image at url into a new local image filename (raw or qcow2).
+    """Download the image at url into a local image filename (raw or qcow2), which replaces a
+    file of that name only when the download succeeded.
 
     Only data extents are read. With incremental, only the dirty extents are, onto a qcow2 whose
     backing file is backing_file (the previous backup). Returns a dict of what was done.
