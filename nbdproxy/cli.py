@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import uuid
@@ -114,15 +115,15 @@ def build_parser():
     ticket.add_argument("--control-socket", default=config.SETTINGS["control_socket"][1])
     tsub = ticket.add_subparsers(metavar="ACTION", required=True)
     add = tsub.add_parser("add", help="add a ticket; prints its id")
-    add.add_argument("--url", required=True, help="NBD URL of the export")
+    add.add_argument("--url", required=True, type=utf8, help="NBD URL of the export")
     add.add_argument("--size", type=int, required=True)
-    add.add_argument("--ops", default="read,write")
+    add.add_argument("--ops", default="read,write", type=utf8)
     add.add_argument("--timeout", type=int, default=3600)
     add.add_argument("--inactivity-timeout", type=int)
     add.add_argument("--sparse", action="store_true")
     add.add_argument("--dirty", action="store_true")
-    add.add_argument("--filename")
-    add.add_argument("--transfer-id")
+    add.add_argument("--filename", type=utf8)
+    add.add_argument("--transfer-id", type=utf8)
     add.add_argument("--id", type=ticket_id, help="ticket id (default: a new uuid)")
     add.set_defaults(run=run_ticket_add)
     for name, helptext in (("show", "print a ticket"), ("delete", "cancel and remove a ticket")):
@@ -144,9 +145,21 @@ def build_parser():
     return parser
 
 
+def utf8(text):
+    """A ticket string: JSON carries text, so bytes of the command line that are not UTF-8
+    (surrogate-escaped in text) cannot be sent."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(
+            f"not valid UTF-8: {os.fsencode(text)!r}") from None
+    return text
+
+
 def ticket_id(text):
     """An id as a ticket can have one (any other text is sent percent-encoded): an empty one
     would name the list of all tickets, and '/' cannot be in an id."""
+    text = utf8(text)
     if not text:
         raise argparse.ArgumentTypeError("a ticket id may not be empty")
     if "/" in text:

@@ -399,7 +399,9 @@ def test_disk_full(daemon, exports, tmp_path):
 # Interruption: no qemu-nbd left behind
 
 def qemu_nbd_serving(path):
-    """Pids of qemu-nbd processes whose command line names path."""
+    """Pids of qemu-nbd processes whose command line names path (a file name, or a function
+    of the file names that matches)."""
+    match = path if callable(path) else lambda arg: arg == str(path).encode()
     pids = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -409,7 +411,7 @@ def qemu_nbd_serving(path):
                 argv = f.read().split(b"\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(b"qemu-nbd") and str(path).encode() in argv:
+        if argv and argv[0].endswith(b"qemu-nbd") and any(map(match, argv)):
             pids.append(int(pid))
     return pids
 
@@ -447,13 +449,21 @@ def slow_export(daemon, tmp_path):
     server.stop()
 
 
+def temporary_of(out):
+    """The client's name for the file a download to out writes until it is done."""
+    prefix = str(out.parent / f".{out.name}.nbdproxy-").encode()
+    return lambda arg: arg.startswith(prefix)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_interrupted_download(daemon, slow_export, tmp_path, sig):
+    """Interrupted, the download removes what it wrote and keeps the FILE the user had."""
     out = tmp_path / "out.qcow2"
+    out.write_bytes(b"precious" * 4096)
     proc = subprocess.Popen(NBDPROXY + ["download", slow_export, str(out), "--cafile",
                                         daemon.cert], cwd=TOP, stderr=subprocess.PIPE, text=True)
     try:
-        pids = wait_for(lambda: qemu_nbd_serving(out))
+        pids = wait_for(lambda: qemu_nbd_serving(temporary_of(out)))
         tmpdirs = private_dirs(pids)
         time.sleep(0.5)
         proc.send_signal(sig)
@@ -467,7 +477,8 @@ def test_interrupted_download(daemon, slow_export, tmp_path, sig):
             assert not any(os.path.exists(d) for d in tmpdirs)
             assert proc.returncode == 130, err
             assert err.strip() == "nbdproxy: interrupted"
-            assert not out.exists()
+            assert not [name for name in os.listdir(tmp_path) if ".nbdproxy-" in name]
+        assert out.read_bytes() == b"precious" * 4096
         # qemu-nbd is gone too, even after SIGKILL (it gets SIGTERM when its parent dies).
         wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") and
                                  not _zombie(pid) for pid in pids), timeout=10)
@@ -706,3 +717,58 @@ def test_checksum_block_size_usage(tmp_path, value):
     assert "Traceback" not in p.stderr and "--block-size" in p.stderr
     for ok in (MiB, 16 * MiB, 3 * MiB + 4096):
         assert json.loads(cli("checksum", src, "--block-size", ok).stdout)["block_size"] == ok
+
+
+# Review 3 (issue 12 item 13): bad input on the command line is one line, never a traceback.
+
+@pytest.mark.parametrize("args,words", [
+    ([b"download", b"https://[::1/images/x", b"out.raw"], ["invalid URL", "IPv6"]),
+    ([b"checksum", b"https://[::1/images/x"], ["invalid URL", "IPv6"]),
+    ([b"upload", b"src.raw", b"https://[::1/images/x"], ["invalid URL", "IPv6"]),
+    ([b"checksum", b"https://local host/images/x"], ["invalid URL"]),
+    ([b"ticket", b"show", b"--control-socket", b"/nonexistent.sock", b"\xff"],
+     ["argument id", "not valid UTF-8"]),
+    ([b"ticket", b"add", b"--control-socket", b"/nonexistent.sock", b"--url", b"nbd:unix:/x",
+      b"--size", b"1", b"--id", b"a\xffb"], ["argument --id", "not valid UTF-8"]),
+    ([b"ticket", b"add", b"--control-socket", b"/nonexistent.sock", b"--url", b"nbd:unix:/\xff",
+      b"--size", b"1"], ["argument --url", "not valid UTF-8"]),
+], ids=["download-bad-ipv6-url", "checksum-bad-ipv6-url", "upload-bad-ipv6-url",
+        "space-in-host", "show-non-utf8-id", "add-non-utf8-id", "add-non-utf8-url"])
+def test_cli_bad_input_is_one_line(tmp_path, args, words):
+    """Exit status 1 and one line for a bad URL; a usage error (2) for text that is not UTF-8,
+    which a ticket (JSON) cannot carry."""
+    make_raw(tmp_path / "src.raw", MiB, (0,))
+    argv = [a.encode() for a in NBDPROXY] + args
+    p = subprocess.run(argv, cwd=str(tmp_path), capture_output=True,
+                       env=dict(os.environ, PYTHONPATH=TOP), timeout=60)
+    err = p.stderr.decode(errors="replace")
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    if args[0] == b"ticket":
+        assert p.returncode == 2, err
+    else:
+        assert p.returncode == 1 and len(lines) == 1, err
+    assert all(word in lines[-1] for word in words), err
+    assert not os.path.exists(tmp_path / "out.raw")
+
+
+def test_ticket_id_of_any_text_in_a_url(daemon, tmp_path):
+    """The URL of a ticket whose id HTTP cannot carry as it is (a space, non-ASCII, a byte that
+    is not UTF-8) goes as typed: the client percent-encodes it; a %XX stays as typed."""
+    src = make_raw(tmp_path / "src.raw", MiB, (0,))
+    server = qemu_nbd(src, str(tmp_path / "nbd.sock"))
+    base = f"https://localhost:{daemon.port}/images/"
+    try:
+        for ticket_id, typed in (("disk é 1", "disk é 1"), ("a?b", "a%3Fb")):
+            cli("ticket", "--control-socket", daemon.control_socket, "add", "--url", server.url,
+                "--size", MiB, "--id", ticket_id)
+            out = tmp_path / "out.raw"
+            cli("download", base + typed, out, "--cafile", daemon.cert)
+            compare(src, out)
+        argv = [a.encode() for a in NBDPROXY] + [b"checksum", base.encode() + b"a\xffb",
+                                                 b"--cafile", daemon.cert.encode()]
+        p = subprocess.run(argv, cwd=TOP, capture_output=True, timeout=60)
+        assert_one_line_error(subprocess.CompletedProcess(
+            argv, p.returncode, stderr=p.stderr.decode(errors="replace")), "400", "UTF-8")
+    finally:
+        server.stop()

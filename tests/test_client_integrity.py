@@ -172,11 +172,12 @@ def window(full_map, start, length):
 class FakeServer:
     """Plain HTTP on 127.0.0.1: OPTIONS answers options; GET .../extents answers
     extents(context, start, length) (JSON, or bytes sent as they are); GET .../checksum answers
-    checksum; GET ranges serve data, the first GET cut after drop_after bytes when set; PUT and
-    PATCH zero write into data."""
+    checksum; GET ranges serve data as ranges says (RANGES), the first GET cut after drop_after
+    bytes when set; PUT and PATCH zero write into data."""
 
-    def __init__(self, data, options, extents, drop_after=None, checksum=None):
+    def __init__(self, data, options, extents, drop_after=None, checksum=None, ranges="exact"):
         self.data = bytearray(data)
+        self.ranges = ranges
         self.checksum = checksum
         self.options = options
         self.extents = extents
@@ -200,9 +201,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def _answer(self, status, body=b"", ctype="application/json"):
+    def _answer(self, status, body=b"", ctype="application/json", headers=()):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -230,15 +233,29 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         a, b = map(int, re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers["Range"]).groups())
         fake.requests.append(("RANGE", a, b + 1))
         data = bytes(fake.data[a:b + 1])
+        if fake.ranges == "chunked":
+            return self._chunked(bytes(fake.data))
         if fake.drop_after is None:
-            return self._answer(206, data, "application/octet-stream")
+            status, data, headers = RANGES[fake.ranges](fake.data, a, b)
+            return self._answer(status, data, "application/octet-stream", headers)
         # Announce the whole range, send a part, close: a server that died mid-body.
         self.send_response(206)
+        self.send_header("Content-Range", f"bytes {a}-{b}/{len(fake.data)}")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data[:fake.drop_after])
         fake.drop_after = None
         self.close_connection = True
+
+    def _chunked(self, data):
+        """200 and the whole image in chunks, no length: a server or proxy that ignores Range."""
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for i in range(0, len(data), 65536):
+            chunk = data[i:i + 65536]
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        self.wfile.write(b"0\r\n\r\n")
 
     def do_PUT(self):
         fake = self.server.fake
@@ -255,6 +272,25 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if msg["op"] == "zero":
             fake.data[msg["offset"]:msg["offset"] + msg["size"]] = bytes(msg["size"])
         self._answer(200)
+
+
+def _range(data, a, b, shown=None, total=None):
+    """206 with data[a:b+1], its Content-Range saying shown (default: that range) and total."""
+    headers = [("Content-Range", shown or f"bytes {a}-{b}/{len(data) if total is None else total}")]
+    return 206, bytes(data[a:b + 1]), headers
+
+
+# How the fake answers GET bytes=a-b: (status, body, headers) from (data, a, b).
+RANGES = {
+    "exact": _range,
+    "star": lambda data, a, b: _range(data, a, b, total="*"),
+    "whole": lambda data, a, b: (200, bytes(data), []),
+    # Defects: the right length, but another range (offset 0's), or no range said.
+    "shifted": lambda data, a, b: _range(data, 0, b - a),
+    "no-content-range": lambda data, a, b: (206, bytes(data[a:b + 1]), []),
+    "no-total": lambda data, a, b: _range(data, a, b, shown=f"bytes {a}-{b}"),
+    "other-end": lambda data, a, b: _range(data, a, b, shown=f"bytes {a}-{b + 1}/*"),
+}
 
 
 @pytest.fixture
@@ -439,6 +475,100 @@ def test_download_response_ends_early(fake, tmp_path):
     line = assert_one_line_error(p, "the server's response", "ended", "early")
     assert "request body" not in line
     assert not out.exists()
+
+
+# Review 1: a download takes only the range it asked for.
+
+def leftovers(directory):
+    """Temporary files of a download left in directory."""
+    return [name for name in os.listdir(directory) if ".nbdproxy-" in name]
+
+
+@pytest.mark.parametrize("ranges", ["chunked", "whole", "shifted", "no-content-range",
+                                    "no-total", "other-end"])
+def test_download_checks_the_range_it_gets(fake, tmp_path, ranges):
+    """GETs of [0, 1M) and [2M, end): a server that answers another range (200 and the whole
+    image, or a 206 of other bytes) fails the download; it never writes the bytes of one
+    offset at another and exits 0."""
+    server = fake(dict(READ, size=S), HONEST, ranges=ranges)
+    out = tmp_path / "out.raw"
+    p = cli("download", "--connections", "1", server.url, out)
+    if p.returncode == 0:
+        assert out.read_bytes() == bytes(server.data), "download exited 0 with wrong bytes"
+    line = assert_one_line_error(p, "asked for bytes", "the server sends")
+    assert ("(200)" if ranges in ("chunked", "whole") else "(206)") in line
+    assert not out.exists() and not leftovers(tmp_path)
+
+
+@pytest.mark.parametrize("ranges", ["star", "whole"])
+def test_download_takes_a_range_said_another_way(fake, tmp_path, ranges):
+    """A 206 whose total is "*", and a 200 of the whole image when the whole image was asked
+    (a server may ignore Range, RFC 9110 14.2): the bytes are the ones asked."""
+    server = fake(dict(READ, size=S), fixed([ext(0, S)]), ranges=ranges)
+    out = tmp_path / "out.raw"
+    assert_ok(cli("download", server.url, out))
+    assert out.read_bytes() == bytes(server.data)
+    assert [r[1:] for r in server.requests if r[0] == "RANGE"] == [(0, S)]
+
+
+# Review 2: a download that fails leaves a FILE the user had as it was.
+
+FAILURES = {
+    "extents": dict(extents=fixed(LYING_MAPS["ends-early"])),
+    "range": dict(ranges="shifted"),
+    "verify": dict(checksum={"algorithm": "blake2b", "block_size": 4 * MiB, "checksum": "00"}),
+}
+
+
+@pytest.mark.parametrize("failure", FAILURES)
+@pytest.mark.parametrize("name", ["backup.raw", "backup.qcow2"])
+def test_failed_download_keeps_the_users_existing_file(fake, tmp_path, failure, name):
+    kw = {"extents": HONEST, **FAILURES[failure]}
+    server = fake(dict(READ, size=S), kw.pop("extents"), **kw)
+    out = tmp_path / name
+    out.write_bytes(b"precious" * 4096)
+    p = cli("download", server.url, out, "--verify", "--connections", "1")
+    line = assert_one_line_error(p)
+    assert ".nbdproxy-" not in line         # the error names the user's file, if any
+    assert out.read_bytes() == b"precious" * 4096
+    assert not leftovers(tmp_path)
+
+
+def test_download_replaces_an_existing_file(fake, fake_image, tmp_path):
+    """Success replaces FILE (a larger one, an image of another format) with exactly the
+    download, verified; its permissions stay; a symbolic link stays a link to the new file."""
+    server = fake(dict(READ, size=S), HONEST, checksum=transfer.checksum(fake_image))
+    out = tmp_path / "backup.raw"
+    write_raw(out, 4 * S, [(0, 4 * S)])
+    os.chmod(out, 0o640)
+    assert_ok(cli("download", server.url, out, "--verify"))
+    assert out.read_bytes() == bytes(server.data)
+    assert os.stat(out).st_mode & 0o777 == 0o640
+    qcow2 = tmp_path / "backup.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "1G"], check=True)
+    link = tmp_path / "latest.qcow2"
+    link.symlink_to("backup.qcow2")
+    assert_ok(cli("download", server.url, link, "--verify"))
+    assert link.is_symlink()
+    assert virtual_size(qcow2) == S
+    compare(out, qcow2)
+    assert not leftovers(tmp_path)
+
+
+def test_download_onto_its_backing_file_is_refused(fake, tmp_path):
+    """FILE in the chain of --backing-file would be replaced by an image on top of itself."""
+    server = fake(dict(READ, size=S), HONEST)
+    full = tmp_path / "full.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(full), str(S)], check=True)
+    incr = tmp_path / "incr.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", "full.qcow2", "-F", "qcow2",
+                    str(incr)], check=True)
+    before = full.read_bytes()
+    for backing in (full, incr):
+        p = cli("download", server.url, full, "--backing-file", backing)
+        assert_one_line_error(p, "backing chain")
+    assert full.read_bytes() == before
+    assert not leftovers(tmp_path)
 
 
 # Defect 4: sizes that are not a multiple of 512.

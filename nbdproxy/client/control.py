@@ -41,7 +41,10 @@ class ControlClient:
         "disk 1", "a?b" or "%41" name that very ticket."""
         if not ticket_id:
             raise errors.Error("a ticket id may not be empty")
-        return "/tickets/" + urllib.parse.quote(ticket_id, safe="")
+        try:
+            return "/tickets/" + urllib.parse.quote(ticket_id, safe="")
+        except UnicodeEncodeError:
+            raise errors.Error(f"a ticket id must be UTF-8 text: {ticket_id!r}") from None
 
     def add(self, ticket):
         self._request("PUT", self._url(ticket["uuid"]), ticket)

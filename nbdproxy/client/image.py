@@ -8,6 +8,7 @@ server is on this host, and stays on TCP when that does not work.
 import http.client
 import json
 import logging
+import re
 import socket
 import ssl
 import urllib.parse
@@ -84,7 +85,10 @@ class ImageClient:
     """One HTTP connection to /images/TICKET. clone() makes another on the same transport."""
 
     def __init__(self, url, cafile=None, secure=True, unix_socket=True, timeout=60):
-        parts = urllib.parse.urlsplit(url)
+        try:
+            parts = urllib.parse.urlsplit(url)
+        except ValueError as e:     # "Invalid IPv6 URL"
+            raise ClientError(f"invalid URL {url!r}: {e}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ClientError(f"invalid URL {url!r}: expecting https://HOST:PORT/images/TICKET")
         path = parts.path.rstrip("/")
@@ -97,19 +101,25 @@ class ImageClient:
         self.url = url
         self.scheme = parts.scheme
         self.host = parts.hostname
-        self.path = path
+        # A ticket id may be any text: what HTTP cannot carry as it is goes percent-encoded
+        # (UTF-8; a byte that was not UTF-8 on the command line goes as that byte).
+        self.path = urllib.parse.quote(path, safe="/%!$&'()*+,;=:@", errors="surrogateescape")
         self.timeout = timeout
         self.context = ssl_context(cafile, secure) if self.scheme == "https" else None
         self.transport = "tcp"
         self.unix_path = None
-        self._conn = self._new_connection()
+        try:
+            self._conn = self._new_connection()
+        except http.client.InvalidURL as e:     # a host with a space or a control character
+            raise ClientError(f"invalid URL {url!r}: {e}") from None
         self.info = self._options()
         if unix_socket:
             self._try_unix_socket()
 
     @property
     def where(self):
-        return f"{self.scheme}://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{host}:{self.port}"
 
     # Connections
 
@@ -311,12 +321,31 @@ class ImageClient:
         end = offset + length - 1
         resp = self._send("GET", self.path, headers={"Range": f"bytes={offset}-{end}"})
         self._check(resp, "GET", (200, 206))
-        if resp.length is not None and resp.length != length:
+        problem = self._range_problem(resp, offset, length)
+        if problem:
             resp.close()
-            self._conn.close()
-            raise ClientError(f"{self.url}: asked for {length} bytes at {offset}, "
-                              f"the server sends {resp.length}")
+            self._conn.close()      # the body is not read: the connection is done
+            raise ClientError(f"{self.url}: asked for bytes {offset}-{end}, {problem}")
         return resp
+
+    def _range_problem(self, resp, offset, length):
+        """Why resp does not carry exactly [offset, offset+length) of the image, or None.
+
+        A 206 must say that range in Content-Range; a 200 is the whole image (the server ignored
+        Range, as RFC 9110 lets it), which is the range only when that is all of the image.
+        """
+        if resp.status == 206:
+            header = resp.getheader("Content-Range")
+            m = _CONTENT_RANGE.fullmatch(header.strip()) if header else None
+            if not m or (int(m[1]), int(m[2])) != (offset, offset + length - 1):
+                return f"the server sends {_shown(header)} (206)"
+        elif offset != 0 or length != self.info.get("size"):
+            return "the server sends the whole image instead (200)"
+        elif resp.length is None:
+            return "the server sends the whole image (200) of unknown length"
+        if resp.length is not None and resp.length != length:
+            return f"the server sends {resp.length} bytes"
+        return None
 
     def readinto(self, offset, view):
         """Read len(view) bytes at offset into view."""
@@ -374,6 +403,17 @@ class ImageClient:
             raise ClientError(f"{self.url}: checksum: expecting a JSON object with a "
                               "\"checksum\" string")
         return result
+
+
+# A 206's Content-Range (RFC 9110 14.4): the range it carries, and the total or "*".
+_CONTENT_RANGE = re.compile(r"bytes[ ]+(\d+)-(\d+)/(?:\d+|\*)", re.IGNORECASE | re.ASCII)
+
+
+def _shown(header):
+    """A header's value as it may go into a one-line message."""
+    if header is None:
+        return "no Content-Range"
+    return f"Content-Range {header[:80]!r}"
 
 
 def read_fully(readinto, view, client=None):

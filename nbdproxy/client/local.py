@@ -70,14 +70,100 @@ def image_info(path):
     return json.loads(_run(["qemu-img", "info", "--output=json", path]))
 
 
-def create(path, fmt, size, backing_file=None):
-    """Create an empty image; with backing_file, a qcow2 on top of it (its format detected)."""
+def backing_chain(path):
+    """The files of path's backing chain, path first."""
+    chain = json.loads(_run(["qemu-img", "info", "--backing-chain", "--output=json", path]))
+    return [image["filename"] for image in chain]
+
+
+def create(path, fmt, size, backing_file=None, name=None):
+    """Create an empty image; with backing_file, a qcow2 on top of it (its format detected).
+    Errors name the image name (default path): the user's name of a temporary file."""
     argv = ["qemu-img", "create", "-q", "-f", fmt]
     if backing_file:
         backing_fmt = image_info(backing_file)["format"]
         argv += ["-b", os.path.abspath(backing_file), "-F", backing_fmt]
     argv += [path, str(size)]
-    _run(argv)
+    try:
+        _run(argv)
+    except ClientError as e:
+        raise ClientError(str(e).replace(path, name or path)) from None
+
+
+class Output:
+    """Where a download writes: a new file next to path (same directory, so same file system and
+    a relative path means the same there) that commit() renames over path; until then path, a
+    file the user may have had before, is untouched, and discard() removes only the new file.
+
+    A path that exists and is not a regular file (a block device) is written in place and never
+    removed. A symbolic link stays; the file it points to is replaced.
+    """
+
+    def __init__(self, path):
+        self.name = path
+        if os.path.exists(path) and not os.path.isfile(path):
+            self.path = self.target = path
+            self.temporary = False
+            return
+        self.target = os.path.realpath(path)
+        directory, base = os.path.split(self.target)
+        try:
+            mode = os.stat(self.target).st_mode & 0o7777    # as rewriting it in place would
+        except FileNotFoundError:
+            mode = 0o666 & ~_umask()                        # as creating it would
+        except OSError as e:
+            raise ClientError(f"{path}: {e.strerror}") from None
+        try:
+            fd, self.path = tempfile.mkstemp(prefix=f".{base}.nbdproxy-", dir=directory)
+        except OSError as e:
+            raise ClientError(f"{path}: cannot create a file in {directory}: {e.strerror}") \
+                from None
+        self.temporary = True
+        try:
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+    def commit(self):
+        """Make the new file path, durably: its data, then the directory entry."""
+        if not self.temporary:
+            return
+        try:
+            _fsync(self.path)
+            os.replace(self.path, self.target)
+            self.temporary = False
+            _fsync(os.path.dirname(self.target), os.O_DIRECTORY)
+        except OSError as e:
+            raise ClientError(f"{self.name}: cannot replace it with the download: "
+                              f"{e.strerror}") from None
+
+    def discard(self):
+        if self.temporary:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.temporary = False
+
+
+def _fsync(path, flags=0):
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask():
+    """The process's umask, read without setting it (os.umask would, for every thread)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
 
 
 def _direct_io(path):
@@ -92,9 +178,10 @@ def _direct_io(path):
 class Server:
     """A private qemu-nbd serving path on a unix socket in a temporary directory."""
 
-    def __init__(self, path, fmt, read_only=False, shared=8):
+    def __init__(self, path, fmt, read_only=False, shared=8, name=None):
         self.ready = False
         self.path = path
+        self.name = name or path    # what messages call the image (a temporary file's user name)
         self.fmt = fmt
         self.tmpdir = tempfile.mkdtemp(prefix="nbdproxy-")
         self.sock = os.path.join(self.tmpdir, "nbd.sock")
@@ -136,8 +223,8 @@ class Server:
         while True:
             if self.proc.poll() is not None:
                 with open(self.log, errors="replace") as f:
-                    err = _one_line(f.read())
-                raise ClientError(f"cannot open {self.path}: "
+                    err = _one_line(f.read()).replace(self.path, self.name)
+                raise ClientError(f"cannot open {self.name}: "
                                   + (err or f"qemu-nbd exited {self.proc.returncode}"))
             if os.path.exists(self.sock):
                 with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -148,11 +235,11 @@ class Server:
                     except OSError:
                         pass
             if time.monotonic() > deadline:
-                raise ClientError(f"cannot open {self.path}: qemu-nbd did not start")
+                raise ClientError(f"cannot open {self.name}: qemu-nbd did not start")
             time.sleep(0.01)
 
     def connect(self):
-        return Handle(self.sock, self.path)
+        return Handle(self.sock, self.name)
 
     def stop(self):
         proc = self.proc if hasattr(self, "proc") else None

@@ -201,16 +201,10 @@ class _UploadWorker(_Worker):
         self.client.flush()
 
 
-def _remove(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
 def download(url, filename, fmt=None, incremental=False, backing_file=None, connections=None,
              cafile=None, secure=True, verify=False, progress=None, unix_socket=True):
-    """Download the image at url into a new local image filename (raw or qcow2).
+    """Download the image at url into a local image filename (raw or qcow2), which replaces a
+    file of that name only when the download succeeded.
 
     Only data extents are read. With incremental, only the dirty extents are, onto a qcow2 whose
     backing file is backing_file (the previous backup). Returns a dict of what was done.
@@ -225,6 +219,11 @@ def download(url, filename, fmt=None, incremental=False, backing_file=None, conn
         raise ClientError("a download onto a backing file must be qcow2")
     if backing_file and not os.path.exists(backing_file):
         raise ClientError(f"{backing_file}: no such file")
+    if backing_file and os.path.exists(filename):
+        for name in local.backing_chain(backing_file):
+            if os.path.exists(name) and os.path.samefile(name, filename):
+                raise ClientError(f"{filename} is in the backing chain of the download: "
+                                  "download into another file")
     progress = progress or Progress(quiet=True)
     client = ImageClient(url, cafile, secure, unix_socket)
     try:
@@ -255,23 +254,26 @@ def download(url, filename, fmt=None, incremental=False, backing_file=None, conn
                     else:
                         yield SKIP, e["start"], e["length"]
 
-        local.create(filename, fmt, size, backing_file)
+        # A new file until the end: a failure must not cost the user a file of that name.
+        out = local.Output(filename)
         ok = False
         try:
-            with local.Server(filename, fmt, shared=n + 1) as server:
+            local.create(out.path, fmt, size, backing_file, name=filename)
+            with local.Server(out.path, fmt, shared=n + 1, name=filename) as server:
                 progress.total = size
                 _run(n, lambda i: _DownloadWorker(client.clone(), server.connect(), progress),
                      _counting(plan(), stats), progress)
                 if verify:
                     stats["checksum"] = _verify(client, server, filename, size)
-            if fmt == "raw" and os.path.isfile(filename):
+            if fmt == "raw" and out.temporary:
                 # qemu rounds a raw image up to 512 bytes; the copy has the remote size.
-                os.truncate(filename, size)
+                os.truncate(out.path, size)
+            out.commit()
             ok = True
         finally:
             progress.close(ok)
             if not ok:
-                _remove(filename)
+                out.discard()
         return stats
     finally:
         client.close()
