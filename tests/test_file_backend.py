@@ -354,7 +354,7 @@ def test_a_failed_flush_fails_every_later_flush(tmp_path):
                 b.flush(ch)
         with b.lend() as other:
             with pytest.raises(errors.BackendError, match="an earlier flush failed"):
-                other.flush()
+                b.flush(other)
         b.close()
     finally:
         if dev:

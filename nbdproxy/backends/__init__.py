@@ -45,7 +45,8 @@ def open_backend(url, writable, dirty, settings):
     when the URL cannot be served. nbd: opens nothing yet; file: opens and checks the file."""
     if url.startswith("file:"):
         from . import file
-        return file.open_file(url, writable, settings.file_direct, settings.nbd_connections)
+        return file.open_file(url, writable, settings.file_direct, settings.nbd_connections,
+                              settings.nbd_idle_timeout, settings.closer)
     if url.startswith(("https:", "http:")):
         from . import http
         return http.open_backend(url, writable, settings)

@@ -21,6 +21,7 @@ import threading
 from .. import errors
 from . import Caps, Extent, fileio
 from .pipeline import DEPTH_IN_FLIGHT, Pipeline, is_zero, read_fully
+from .pool import Pool
 
 log = logging.getLogger("nbdproxy.file")
 
@@ -37,9 +38,9 @@ def parse_url(url):
     return url
 
 
-def open_file(url, writable, direct=True, max_connections=8):
+def open_file(url, writable, direct=True, max_connections=8, idle_timeout=None, closer=None):
     """A FileBackend for a file: URL or path; errors.BadRequest("Invalid ticket: ...") if unusable."""
-    return FileBackend(parse_url(url), writable, direct, max_connections)
+    return FileBackend(parse_url(url), writable, direct, max_connections, idle_timeout, closer)
 
 
 def _up(n, a):
@@ -56,21 +57,17 @@ def _split(offset, end, a):
     return head, max(_down(end, a), head)
 
 
-class FileBackend:
-    """One ticket's file: the channels (one fd each), the block lock table, the flush verdict."""
+class FileBackend(Pool):
+    """One ticket's file: a Pool of channels (one fd each, closed when idle), the block lock
+    table, and the thread pool of their pieces. A failed fdatasync is the pool's lost-writes
+    verdict: the kernel reports a writeback error once, so every later flush fails."""
 
-    def __init__(self, path, writable, direct=True, max_connections=8):
+    def __init__(self, path, writable, direct=True, max_connections=8, idle_timeout=None,
+                 closer=None):
         if not path.startswith("/"):
             raise errors.BadRequest(f"Invalid ticket: {path}: not an absolute path")
-        self.path, self.writable, self.max_connections = path, writable, max_connections
+        self.path, self.writable = path, writable
         self.locks = fileio.BlockLocks()
-        self._cond = threading.Condition()
-        self._idle, self._count, self._closed = [], 0, False
-        self._flush_error = None
-        # Pieces of a large request are read and written by these threads, DEPTH_IN_FLIGHT at
-        # once per request, so the disk sees a queue and the socket works meanwhile.
-        self.io = concurrent.futures.ThreadPoolExecutor(
-            max_workers=min(32, DEPTH_IN_FLIGHT * max_connections), thread_name_prefix="file-io")
         self._flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         try:
             # Later channels reopen this fd: the inode the ticket was added on.
@@ -82,8 +79,16 @@ class FileBackend:
             self.sector = fileio.blk_sector_size(self._anchor) if self.block else self.align
         except OSError as e:
             os.close(self._anchor)
-            self.io.shutdown(wait=False)
             raise errors.BadRequest(f"Invalid ticket: {path}: cannot read: {e.strerror}") from None
+        super().__init__(self._open_channel, path, max_connections, idle_timeout, closer)
+        # Pieces of a large request are read and written by these threads, DEPTH_IN_FLIGHT at
+        # once per request, so the disk sees a queue and the socket works meanwhile.
+        self.io = concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(32, DEPTH_IN_FLIGHT * max_connections), thread_name_prefix="file-io")
+
+    @property
+    def max_connections(self):
+        return self.limit
 
     @property
     def size(self):
@@ -91,92 +96,40 @@ class FileBackend:
 
     def caps(self, ch=None):
         return Caps(zero=True, flush=True, extents=frozenset({"zero"}), multi_conn=True,
-                    max_connections=self.max_connections, zero_copy=not self.direct)
+                    max_connections=self.limit, zero_copy=not self.direct)
 
-    def acquire(self):
-        with self._cond:
-            while True:
-                if self._closed:
-                    raise errors.Canceled("Ticket was removed")
-                if self._idle:
-                    return self._idle.pop()
-                if self._count < self.max_connections:
-                    self._count += 1
-                    break
-                self._cond.wait()
+    def _open_channel(self):
         try:
             # The inode the ticket was opened on, even if the path now names another file.
             fd = os.open(f"/proc/self/fd/{self._anchor}",
                          self._flags | (os.O_DIRECT if self.direct else 0))
         except OSError as e:
-            self._forget()
             raise errors.BackendError(f"{self.path}: cannot open: {e.strerror}") from e
         return FileChannel(self, fd)
 
-    def release(self, ch, reuse=True):
-        with self._cond:
-            if reuse and not self._closed:
-                self._idle.append(ch)
-                self._cond.notify()
-                return
-        ch.close()
-        self._forget()
-
-    @contextlib.contextmanager
-    def lend(self):
-        ch = self.acquire()
-        try:
-            yield ch
-        except BaseException:
-            self.release(ch, reuse=False)
-            raise
-        self.release(ch)
-
-    def _forget(self):
-        """One channel less; the anchor fd goes with the last one after close()."""
-        with self._cond:
-            self._count -= 1
-            self._cond.notify()
-            self._close_anchor()
-
-    def _close_anchor(self):
-        if self._closed and not self._count and self._anchor is not None:
-            os.close(self._anchor)
-            self._anchor = None
-
-    @property
-    def lost(self):
-        """Why written data may be lost (a flush failed), or None: then every flush fails."""
-        return self._flush_error and f"{self.path}: an earlier flush failed ({self._flush_error})"
-
-    def lose(self, why):
-        self._flush_error = self._flush_error or why
-
     def flush(self, ch):
-        """fdatasync: covers what every channel wrote. The kernel reports a writeback error once
-        per fd, so a failure is kept and fails every later flush."""
-        if self._flush_error:
-            raise errors.BackendError(f"{self.path}: an earlier flush failed "
-                                      f"({self._flush_error}); written data may be lost")
+        if self.lost:
+            raise errors.BackendError(f"{self.path}: an earlier flush failed ({self.lost}); "
+                                      "written data may be lost")
         ch.check(0, 0)
-        try:
-            (os.fsync if self.block else os.fdatasync)(ch.fd)
-        except OSError as e:
-            self._flush_error = e.strerror or str(e)
-            log.error("flush of %s failed: %s", self.path, self._flush_error)
-            raise errors.BackendError(f"{self.path}: flush failed: {self._flush_error}") from e
+        super().flush(ch)
+
+    def _retire(self, ch, why):
+        super()._retire(ch, why)
+        self._close_anchor()
 
     def close(self):
-        with self._cond:
-            self._closed = True
-            idle, self._idle = self._idle, []
-            self._count -= len(idle)
-            self._close_anchor()
-            self._cond.notify_all()
-        for ch in idle:
-            ch.close()
+        super().close()
+        self._close_anchor()
         # Threads end when idle; busy channels finish their pieces first.
         self.io.shutdown(wait=False)
+
+    def _close_anchor(self):
+        """The anchor fd goes with the last channel after close()."""
+        with self._cond:
+            if self._closed and not self._all and self._anchor is not None:
+                os.close(self._anchor)
+                self._anchor = None
 
 
 class FileChannel(Pipeline):
@@ -189,10 +142,40 @@ class FileChannel(Pipeline):
 
     IO_ERRORS = (OSError,)
 
+    broken = False
+    multi_conn = True       # one fdatasync covers what every fd wrote
+
     def __init__(self, backend, fd):
         self._b, self.fd = backend, fd
         self._recv = None
         self._bounces = {}      # thread id -> its aligned bounce buffer (pieces run in parallel)
+        self.unflushed = 0
+        self._count_lock = threading.Lock()
+
+    # What the Pool asks of a channel.
+
+    def alive(self):
+        return True
+
+    def caps(self, max_connections):
+        return self._b.caps()
+
+    def take_unflushed(self):
+        with self._count_lock:
+            n, self.unflushed = self.unflushed, 0
+            return n
+
+    def flush(self, covers=()):
+        """fdatasync (fsync for a block device): covers what every channel wrote."""
+        pending = [(ch, ch.unflushed) for ch in (self, *covers)]
+        try:
+            (os.fsync if self._b.block else os.fdatasync)(self.fd)
+        except OSError as e:
+            log.error("flush of %s failed: %s", self._b.path, e.strerror or e)
+            raise errors.BackendError(f"{self._b.path}: flush failed: {e.strerror or e}") from e
+        for ch, n in pending:
+            with ch._count_lock:
+                ch.unflushed -= n
 
     def close(self):
         if self.fd is not None:
@@ -218,7 +201,9 @@ class FileChannel(Pipeline):
         concurrent.futures.wait([f for cookies, *_ in inflight for f, _ in cookies])
 
     def written(self, n):
-        """Nothing to track: a flush of any fd covers the whole file."""
+        """Count n bytes of a request that succeeded, unflushed until the next fdatasync."""
+        with self._count_lock:
+            self.unflushed += n
 
     def _failure(self, what, e):
         if isinstance(e, OSError):
@@ -429,9 +414,6 @@ class FileChannel(Pipeline):
     def _zero_range(self, offset, length, punch_hole, zeros, size):
         if not fileio.zero_range(self.fd, self._b.block, offset, length, punch_hole):
             self._write_zeroes(offset, length, zeros, size)
-
-    def flush(self):
-        self._b.flush(self)
 
     def extents(self, context, offset, length, check=None):
         """The file's layout: holes are zero and hole, unwritten extents zero, the rest data.

@@ -143,7 +143,7 @@ class Pool:
         n = h.take_unflushed()
         with self._cond:
             first = self._lost is None
-            self._lost = self._lost or f"writes to {self.name} may be lost"
+            self._lost = self._lost or f"writes to {self.name} may be lost: {why}"
         log.error("%s: %d acknowledged bytes may be lost (%s)%s", self.name, n, why,
                   "; every later flush of this ticket fails" if first else "")
 
