@@ -701,3 +701,50 @@ def test_peak_rss_1gib(tmp_path, upstreams, workdir, tls):
     finally:
         img.close()
         proxy.stop()
+
+
+@pytest.mark.parametrize("lie", ["shifted", "no-content-range"])
+def test_upstream_sending_another_range_is_502(tmp_path, cert, lie):
+    """An upstream whose 206 has the length asked but another range (or none): its bytes would
+    land in the wrong place of the client's image. 502, never those bytes."""
+    import http.server
+    size = 1024**2
+    data = os.urandom(size)
+
+    class Lying(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_OPTIONS(self):
+            body = json.dumps({"features": ["extents"], "max_readers": 1, "max_writers": 1,
+                               "size": size}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            start, end = map(int, self.headers["Range"][len("bytes="):].split("-"))
+            n = end - start + 1
+            self.send_response(206)
+            if lie == "shifted":
+                self.send_header("Content-Range", f"bytes 0-{n - 1}/{size}")
+            self.send_header("Content-Length", str(n))
+            self.end_headers()
+            self.wfile.write(data[:n])
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Lying)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    d = Daemon(str(tmp_path / "proxy"), *cert)
+    try:
+        d.add_ticket(f"http://127.0.0.1:{upstream.server_address[1]}/images/x", size,
+                     ops=["read"], ticket_id="x")
+        status, body = request(d.local(), "GET", "/images/x", headers={"Range": "bytes=4096-8191"})
+        assert status == 502, body
+        assert b"Content-Range" in body or b"upstream" in body.lower()
+    finally:
+        d.stop()
+        upstream.shutdown()
+        upstream.server_close()

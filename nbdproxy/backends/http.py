@@ -11,6 +11,7 @@ import codecs
 import http.client
 import json
 import logging
+import re
 import select
 import socket
 import ssl
@@ -34,6 +35,9 @@ MAX_SMALL_BODY = 64 * 1024
 MAX_EXTENT_TEXT = 64 * 1024
 # max_readers/max_writers are honoured up to this many connections per ticket.
 MAX_CONNECTIONS = 64
+
+
+_CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,20})-([0-9]{1,20})/(?:[0-9]{1,20}|\*)")
 
 
 def parse_url(url):
@@ -279,6 +283,15 @@ class Upstream:
         if resp.length != length:
             self._fail()
             raise self._gateway(f"asked {length} bytes at {offset}, it sends {resp.length}")
+        # A 206 of the right length but of another range would put its bytes in the wrong place
+        # (a 200 is the whole image: right only from 0, of the length asked, checked above).
+        if resp.status == 206:
+            got = resp.getheader("Content-Range", "")
+            m = _CONTENT_RANGE.fullmatch(got)
+            if not m or (int(m[1]), int(m[2])) != (offset, offset + length - 1):
+                self._fail()
+                raise self._gateway(f"asked bytes {offset}-{offset + length - 1}, it sends "
+                                    f"Content-Range {got[:60]!r}")
         return self._stream(resp, memoryview(buf)[:PIECE], length)
 
     def _stream(self, resp, view, length):
