@@ -18,6 +18,7 @@ from . import __version__, checksum, http, metrics, tickets
 from .app import App
 from . import backends
 from .backends.pool import IdleCloser
+from .backends.qemu_nbd import Supervisor
 from .errors import ConfigError
 
 log = logging.getLogger("nbdproxy.server")
@@ -394,7 +395,9 @@ class Server:
             nbd_timeout=config.nbd_timeout, nbd_connect_timeout=config.nbd_connect_timeout,
             nbd_idle_timeout=config.nbd_idle_timeout, file_direct=config.file_direct,
             nbd_tls_certificates=config.nbd_tls_certificates or None,
-            closer=IdleCloser(), metrics=self.metrics)
+            closer=IdleCloser(), metrics=self.metrics, run_dir=config.run_dir,
+            qemu_nbd=Supervisor())
+        self.metrics.qemu_nbd = self.backend_settings.qemu_nbd
         self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics,
                                          config.max_tickets)
         self.metrics.registry = self.registry
@@ -409,7 +412,8 @@ class Server:
 
     def _open_backend(self, fields):
         return backends.open_backend(fields["url"], "write" in fields["ops"], fields["dirty"],
-                                     self.backend_settings)
+                                     self.backend_settings, image=fields["image"],
+                                     size=fields["size"], sparse=fields["sparse"])
 
     def bind(self):
         """Bind every configured service; ConfigError (after closing what was bound) on failure."""
@@ -541,6 +545,13 @@ class Server:
                     service.close_connections(busy_too=True)
                 break
             time.sleep(0.05)
-        for ticket in self.registry.list():
-            ticket.backend.close()
+        # In parallel: an image ticket's close waits for its qemu-nbd to exit (up to 10 s).
+        closing = [threading.Thread(target=ticket.backend.close, name="close")
+                   for ticket in self.registry.list()]
+        for thread in closing:
+            thread.start()
+        for thread in closing:
+            thread.join()
+        # Those still busy then (their stop waits for the last request) stop now.
+        self.backend_settings.qemu_nbd.stop_all()
         log.info("stopped")
