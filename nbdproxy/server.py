@@ -545,11 +545,14 @@ class Server:
                     service.close_connections(busy_too=True)
                 break
             time.sleep(0.05)
-        # In parallel: an image ticket's close waits for its qemu-nbd to exit (up to 10 s).
-        closing = [threading.Thread(target=ticket.backend.close, name="close")
-                   for ticket in self.registry.list()]
-        for thread in closing:
-            thread.start()
+        # Image tickets in parallel: each close waits for its qemu-nbd to exit (up to 10 s).
+        closing = []
+        for ticket in self.registry.list():
+            if ticket.image is None:
+                ticket.backend.close()
+            else:
+                closing.append(threading.Thread(target=ticket.backend.close, name="close"))
+                closing[-1].start()
         for thread in closing:
             thread.join()
         # Those still busy then (their stop waits for the last request) stop now.

@@ -369,8 +369,9 @@ class Registry:
             # handles now and busy ones as they are given back.
             old.canceled = True
             old.backend.close()
-        log.info("ticket added id=%s ops=%s size=%d url=%s",
-                 ticket_id, ",".join(fields["ops"]), fields["size"], fields["url"])
+        log.info("ticket added id=%s ops=%s size=%d url=%s%s",
+                 ticket_id, ",".join(fields["ops"]), fields["size"], fields["url"],
+                 f" image={fields['image']['path']}" if fields["image"] else "")
         return ticket
 
     def _check_room(self, ticket_id):

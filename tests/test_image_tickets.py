@@ -570,3 +570,19 @@ def test_concurrent_requests_end_before_delete(daemon, qcow2):
         t.join()
     assert set(results) <= {206, 403, "cut"}
     assert_nothing_left(daemon)
+
+
+def test_sigkill_when_sigterm_is_not_enough(tmp_path, raw):
+    # The runner itself: a qemu-nbd that does not exit after SIGTERM (stopped, here) is killed.
+    from nbdproxy.backends import qemu_nbd as runner
+
+    sock = str(tmp_path / "s.sock")
+    server = runner.Server(raw, "raw", sock, clients=1, timeout=10)
+    assert server.ready
+    os.kill(server.pid, signal.SIGSTOP)
+    started = time.monotonic()
+    server.stop(timeout=0.5)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert server.proc.returncode == -signal.SIGKILL
+    assert not os.path.exists(sock)
+    server.stop()       # once: a second stop does nothing
