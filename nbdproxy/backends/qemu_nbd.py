@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -284,7 +285,6 @@ class Server:
 
 def open_stderr(directory):
     """An unlinked file in directory (a temporary one if it cannot have one) for qemu's stderr."""
-    import tempfile
     try:
         return tempfile.TemporaryFile(dir=directory)
     except OSError:
@@ -359,11 +359,16 @@ class Supervisor:
         poller.register(self._wake_r, select.POLLIN)
         while True:
             for fd, _ in poller.poll():
-                if fd == self._wake_r:
-                    os.read(self._wake_r, 4096)
-                    self._start_jobs(poller)
-                else:
-                    self._reap(poller, fd)
+                # This thread must outlive every failure: spawn() waits on it, and its end would
+                # send SIGTERM to every qemu-nbd it started.
+                try:
+                    if fd == self._wake_r:
+                        os.read(self._wake_r, 4096)
+                        self._start_jobs(poller)
+                    else:
+                        self._reap(poller, fd)
+                except Exception:
+                    log.exception("qemu-nbd supervisor")
 
     def _start_jobs(self, poller):
         with self._lock:
