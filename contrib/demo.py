@@ -1,8 +1,8 @@
 """`make run`: serve a built-in demo image with nbdproxy in the foreground.
 
 Makes demo/disk.qcow2 (1 GiB virtual, a few MiB of data), a self-signed certificate, starts
-qemu-nbd on the image and the daemon, adds a ticket, prints commands to try, and runs until
-Ctrl-C, when it stops both.
+the daemon, adds an image ticket (the daemon runs the image's qemu-nbd itself, API.md 7d), prints
+commands to try, and runs until Ctrl-C, when the daemon stops (and its qemu-nbd with it).
 """
 
 import argparse
@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(TOP, "demo")
@@ -39,16 +38,6 @@ def make_cert(cert, key):
                     "-keyout", key, "-out", cert], check=True, capture_output=True)
 
 
-def wait_for(path, proc):
-    for _ in range(500):
-        if os.path.exists(path):
-            return
-        if proc.poll() is not None:
-            sys.exit(f"demo: {proc.args[0]} exited with {proc.returncode}")
-        time.sleep(0.02)
-    sys.exit(f"demo: nothing listens on {path}")
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=54322)
@@ -56,23 +45,15 @@ def main():
     os.makedirs(DEMO, exist_ok=True)
     image = os.path.join(DEMO, "disk.qcow2")
     cert, key = os.path.join(DEMO, "cert.pem"), os.path.join(DEMO, "key.pem")
-    nbd_sock = os.path.join(DEMO, "nbd.sock")
     control = os.path.join(DEMO, "control.sock")
     local = os.path.join(DEMO, "local.sock")
     make_image(image)
     make_cert(cert, key)
-    for path in (nbd_sock,):
-        if os.path.exists(path):
-            os.unlink(path)
-
-    qemu = subprocess.Popen(["qemu-nbd", "--persistent", "--shared=8", "--cache=writeback",
-                             "--allocation-depth", "--format=qcow2", "--socket", nbd_sock, image])
-    wait_for(nbd_sock, qemu)
     daemon = subprocess.Popen(
         [sys.executable, "-m", "nbdproxy", "serve", "--conf-dir", DEMO,
          "--control-socket", control, "--local-socket", local, "--port", str(args.port),
-         "--cert-file", cert, "--key-file", key],
-        stderr=subprocess.PIPE, text=True)
+         "--cert-file", cert, "--key-file", key, "--run-dir", os.path.join(DEMO, "run")],
+        stderr=subprocess.PIPE, text=True, cwd=TOP)
     signal.signal(signal.SIGINT, lambda *_: daemon.terminate())
     signal.signal(signal.SIGTERM, lambda *_: daemon.terminate())
     try:
@@ -85,8 +66,11 @@ def main():
                 break
         if port is None:
             sys.exit(f"demo: the daemon did not start (exit status {daemon.wait()})")
-        ticket = {"uuid": TICKET, "size": 1024**3, "ops": ["read", "write"], "timeout": 86400,
-                  "url": f"nbd:unix:{nbd_sock}", "sparse": True, "filename": "disk.raw"}
+        # No size: the image's virtual size. The daemon starts qemu-nbd and answers once it
+        # serves.
+        ticket = {"uuid": TICKET, "ops": ["read", "write"], "timeout": 86400,
+                  "image": {"path": image, "format": "qcow2"}, "sparse": True,
+                  "filename": "disk.raw"}
         subprocess.run(["curl", "-sS", "--fail", "--unix-socket", control, "-X", "PUT",
                         "--data-binary", json.dumps(ticket), f"http://localhost/tickets/{TICKET}"],
                        check=True)
@@ -99,8 +83,6 @@ def main():
         if daemon.poll() is None:
             daemon.terminate()
             daemon.wait()
-        qemu.terminate()
-        qemu.wait()
 
 
 USAGE = """
@@ -123,10 +105,17 @@ Try, from another terminal in this directory:
        http://localhost/images/{t}
   curl -s --unix-socket {local} -X PATCH -d '{{"op":"flush"}}' http://localhost/images/{t}
 
-  # the ticket, as the management layer sees it
+  # the ticket, as the management layer sees it (its image, and the private url of its qemu-nbd)
   curl -s --unix-socket {control} http://localhost/tickets/{t}
 
-Ctrl-C stops the daemon and qemu-nbd.
+  # another image ticket, and the qemu-nbd processes the daemon runs
+  qemu-img create -f qcow2 /tmp/other.qcow2 1G
+  curl -s --unix-socket {control} -X PUT -d '{{"uuid": "other", "ops": ["read"], "timeout": 600,
+       "image": {{"path": "/tmp/other.qcow2"}}}}' http://localhost/tickets/other
+  curl -s --unix-socket {control} http://localhost/metrics | grep qemu_nbd
+  curl -s --unix-socket {control} -X DELETE http://localhost/tickets/other
+
+Ctrl-C stops the daemon, and the daemon the image's qemu-nbd.
 """
 
 if __name__ == "__main__":

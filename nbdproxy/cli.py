@@ -96,6 +96,9 @@ def build_parser():
     serve.add_argument("--nbd-tls-certificates", metavar="DIR",
                        help="CA directory (ca-cert.pem) that verifies the NBD servers of "
                             "nbds:// and nbds+unix:// ticket URLs (default: those are refused)")
+    serve.add_argument("--run-dir", metavar="DIR",
+                       help="where image tickets' qemu-nbd sockets go, created 0700 "
+                            "(default /run/nbdproxy/images)")
     serve.add_argument("--max-tickets", type=int, metavar="N",
                        help="tickets at once; more get 503 (default 10000)")
     serve.add_argument("--remove-timeout", type=int, metavar="SECONDS")
@@ -115,8 +118,16 @@ def build_parser():
     ticket.add_argument("--control-socket", default=config.SETTINGS["control_socket"][1])
     tsub = ticket.add_subparsers(metavar="ACTION", required=True)
     add = tsub.add_parser("add", help="add a ticket; prints its id")
-    add.add_argument("--url", required=True, type=utf8, help="NBD URL of the export")
-    add.add_argument("--size", type=int, required=True)
+    source = add.add_mutually_exclusive_group(required=True)
+    source.add_argument("--url", type=utf8, help="URL of the export (nbd:..., file:///...)")
+    source.add_argument("--image", metavar="PATH", type=utf8,
+                        help="an image file the daemon serves with a qemu-nbd of its own")
+    add.add_argument("--format", help="with --image: raw, qcow2... (default: probed; give it "
+                                      "to open backing chains)")
+    add.add_argument("--bitmap", metavar="NAME",
+                     help="with --image: a persistent dirty bitmap for ?context=dirty")
+    add.add_argument("--size", type=int,
+                     help="required for nbd: URLs; default the file's or image's size")
     add.add_argument("--ops", default="read,write", type=utf8)
     add.add_argument("--timeout", type=int, default=3600)
     add.add_argument("--inactivity-timeout", type=int)
@@ -200,9 +211,20 @@ def run_ticket_add(args):
     from .client.control import ControlClient
 
     ticket_id = args.id or str(uuid.uuid4())
-    ticket = {"uuid": ticket_id, "url": args.url, "size": args.size,
-              "ops": [op for op in args.ops.split(",") if op], "timeout": args.timeout,
-              "sparse": args.sparse, "dirty": args.dirty}
+    if args.image is None and (args.format or args.bitmap):
+        raise errors.Error("--format and --bitmap go with --image")
+    ticket = {"uuid": ticket_id, "ops": [op for op in args.ops.split(",") if op],
+              "timeout": args.timeout, "sparse": args.sparse, "dirty": args.dirty}
+    if args.image is not None:
+        # The daemon needs the absolute path; a relative one is the caller's directory.
+        ticket["image"] = {"path": os.path.abspath(args.image)}
+        for key in ("format", "bitmap"):
+            if getattr(args, key):
+                ticket["image"][key] = getattr(args, key)
+    else:
+        ticket["url"] = args.url
+    if args.size is not None:
+        ticket["size"] = args.size
     for key in ("inactivity_timeout", "filename", "transfer_id"):
         if getattr(args, key) is not None:
             ticket[key] = getattr(args, key)

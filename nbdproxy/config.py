@@ -31,6 +31,7 @@ SETTINGS = {
     "file_direct": (bool, True),
     "nbd_connect_timeout": (int, 10),
     "nbd_tls_certificates": (str, ""),
+    "run_dir": (str, "/run/nbdproxy/images"),
     "max_tickets": (int, 10_000),
     "remove_timeout": (int, 60),
     "stop_timeout": (int, 30),
@@ -143,6 +144,10 @@ def check(values):
         raise ConfigError(f"checksum_memory: {values['checksum_memory']} must be at least 16 MiB")
     if not 1 <= values["initial_timeout"] <= 3600:
         raise ConfigError("initial_timeout: must be from 1 to 3600 seconds")
+    if not os.path.isabs(values["run_dir"]) or len(values["run_dir"].encode()) > 80:
+        # Its sockets' paths (run_dir + 22 bytes) must fit a unix socket address (107 bytes).
+        raise ConfigError(f"run_dir: {values['run_dir']!r} must be an absolute path of at "
+                          "most 80 bytes")
     if values["local_socket"] == "@":
         # bind() to an empty abstract name autobinds a random one, which no client could know.
         raise ConfigError("local_socket: '@' needs a name after it, as in @/org/nbdproxy")

@@ -14,6 +14,7 @@ class Metrics:
 
     def __init__(self, registry=None):
         self.registry = registry
+        self.qemu_nbd = None    # the daemon's backends.qemu_nbd.Supervisor
         self._lock = threading.Lock()
         self._requests = {}
         self._bytes = {}
@@ -47,6 +48,7 @@ class Metrics:
 
     def text(self):
         tickets = self.registry.list() if self.registry is not None else []
+        processes = self.qemu_nbd.running() if self.qemu_nbd is not None else 0
         with self._lock:
             lines = [
                 "# HELP nbdproxy_requests_total HTTP requests served, by op and status.",
@@ -70,6 +72,9 @@ class Metrics:
                       "# HELP nbdproxy_tickets Tickets in the registry.",
                       "# TYPE nbdproxy_tickets gauge",
                       f"nbdproxy_tickets {len(tickets)}",
+                      "# HELP nbdproxy_qemu_nbd_processes qemu-nbd processes of image tickets.",
+                      "# TYPE nbdproxy_qemu_nbd_processes gauge",
+                      f"nbdproxy_qemu_nbd_processes {processes}",
                       "# HELP nbdproxy_nbd_request_seconds Latency of NBD data commands.",
                       "# TYPE nbdproxy_nbd_request_seconds histogram"]
             cumulative = 0

@@ -20,6 +20,7 @@ from .app import App
 from . import backends
 from .backends.pool import IdleCloser
 from .backends import http as backend_http
+from .backends.qemu_nbd import Supervisor
 from .errors import ConfigError
 
 log = logging.getLogger("nbdproxy.server")
@@ -456,7 +457,9 @@ class Server:
             nbd_tls_certificates=config.nbd_tls_certificates or None,
             closer=IdleCloser(), metrics=self.metrics,
             backend_timeout=config.backend_timeout,
-            backend_ssl=backend_http.tls_context(config.backend_ca_file))
+            backend_ssl=backend_http.tls_context(config.backend_ca_file),
+            run_dir=config.run_dir, qemu_nbd=Supervisor())
+        self.metrics.qemu_nbd = self.backend_settings.qemu_nbd
         self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics,
                                          config.max_tickets)
         self.metrics.registry = self.registry
@@ -471,7 +474,8 @@ class Server:
 
     def _open_backend(self, fields):
         return backends.open_backend(fields["url"], "write" in fields["ops"], fields["dirty"],
-                                     self.backend_settings)
+                                     self.backend_settings, image=fields["image"],
+                                     size=fields["size"], sparse=fields["sparse"])
 
     def bind(self):
         """Bind every configured service; ConfigError (after closing what was bound) on failure."""
@@ -620,6 +624,16 @@ class Server:
                     service.close_connections(busy_too=True)
                 break
             time.sleep(0.05)
+        # Image tickets in parallel: each close waits for its qemu-nbd to exit (up to 10 s).
+        closing = []
         for ticket in self.registry.list():
-            ticket.backend.close()
+            if ticket.image is None:
+                ticket.backend.close()
+            else:
+                closing.append(threading.Thread(target=ticket.backend.close, name="close"))
+                closing[-1].start()
+        for thread in closing:
+            thread.join()
+        # Those still busy then (their stop waits for the last request) stop now.
+        self.backend_settings.qemu_nbd.stop_all()
         log.info("stopped")

@@ -86,16 +86,40 @@ def _check_strings(data):
             todo.extend((f"{where}[{i}]", item) for i, item in enumerate(value))
 
 
+def _image(data):
+    """The `image` of an image ticket (API.md 7d), or None."""
+    if "image" not in data:
+        return None
+    if "url" in data:
+        raise errors.BadRequest("Invalid ticket: give 'url' or 'image', not both")
+    image = _field(data, "image", dict)
+    unknown = set(image) - {"path", "format", "bitmap"}
+    if unknown:
+        raise errors.BadRequest(f"Invalid ticket: unknown key {sorted(unknown)[0]!r} in 'image'")
+    fields = {"path": _field(image, "path", str)}
+    for name in ("format", "bitmap"):
+        if name in image:
+            fields[name] = _field(image, name, str)
+            if not fields[name]:
+                raise errors.BadRequest(f"Invalid ticket: empty {name!r} in 'image'")
+    if not fields["path"].startswith("/"):
+        raise errors.BadRequest(f"Invalid ticket: image path {fields['path']!r} is not absolute")
+    return fields
+
+
 def validate(data):
     """Return the ticket's fields from a JSON object, or raise BadRequest("Invalid ticket: ...")."""
     if not isinstance(data, dict):
         raise errors.BadRequest("Invalid ticket: not a JSON object")
     _check_strings(data)
-    url = _field(data, "url", str)
+    image = _image(data)
+    # An image ticket's url is its qemu-nbd's socket, known once that is started.
+    url = None if image else _field(data, "url", str)
     fields = {
         "uuid": _field(data, "uuid", str),
-        # A file: ticket may leave the size out: it is then the file's (API.md 7a).
-        "size": _field(data, "size", int, not url.startswith("file:")),
+        # A file: ticket may leave the size out: it is then the file's (API.md 7a); an image
+        # ticket's is the image's virtual size (7d).
+        "size": _field(data, "size", int, not (image or url.startswith("file:"))),
         "ops": _field(data, "ops", list),
         "timeout": _field(data, "timeout", int),
         "url": url,
@@ -104,7 +128,10 @@ def validate(data):
         "filename": _field(data, "filename", str, False),
         "sparse": _field(data, "sparse", bool, False, False),
         "dirty": _field(data, "dirty", bool, False, False),
+        "image": image,
     }
+    if image and "bitmap" in image:
+        fields["dirty"] = True
     for name, limit in (("size", MAX_SIZE), ("timeout", MAX_TIMEOUT),
                         ("inactivity_timeout", MAX_TIMEOUT)):
         if fields[name] is not None and fields[name] > limit:
@@ -304,7 +331,7 @@ class Ticket:
                 "expires": int(self._expires),
                 "idle_time": 0 if active else int(clock() - self._idle_since),
             }
-        for key in ("transfer_id", "filename"):
+        for key in ("transfer_id", "filename", "image"):
             if getattr(self, key) is not None:
                 info[key] = getattr(self, key)
         # Reading and writing the same range would count twice; report only for one-op tickets.
@@ -330,9 +357,16 @@ class Registry:
             raise errors.BadRequest(
                 f"Invalid ticket: uuid {fields['uuid']!r} does not match the URL's {ticket_id!r}")
         self._check_room(ticket_id)     # before opening a backend for nothing
+        with self._lock:
+            old = self._tickets.get(ticket_id)
+        if old is not None and old.image is not None:
+            # Its qemu-nbd holds the image's lock: stopped before the new one starts (API.md 7d).
+            self.remove(ticket_id)
         backend = self._open_backend(fields)
         if fields["size"] is None:
             fields["size"] = backend.size
+        if fields["url"] is None:
+            fields["url"] = backend.url
         ticket = Ticket(fields, backend, self.metrics)
         try:
             with self._lock:
@@ -351,8 +385,9 @@ class Registry:
             # the same id: its flushes keep failing until the ticket is removed (API.md 4).
             if old.backend.lost:
                 ticket.backend.lose(old.backend.lost)
-        log.info("ticket added id=%s ops=%s size=%d url=%s",
-                 ticket_id, ",".join(fields["ops"]), fields["size"], fields["url"])
+        log.info("ticket added id=%s ops=%s size=%d url=%s%s",
+                 ticket_id, ",".join(fields["ops"]), fields["size"], fields["url"],
+                 f" image={fields['image']['path']}" if fields["image"] else "")
         return ticket
 
     def _check_room(self, ticket_id):
@@ -387,6 +422,9 @@ class Registry:
         if ticket is None:
             return
         if not ticket.cancel(self.remove_timeout if timeout is None else timeout):
+            # No new request can use it: its connections (an image ticket's qemu-nbd) go as its
+            # last requests end.
+            threading.Thread(target=ticket.backend.close, name="close-busy", daemon=True).start()
             raise errors.Conflict(
                 f"Ticket {ticket_id} is still in use after {self.remove_timeout} s; it stays canceled")
         with self._lock:

@@ -646,7 +646,7 @@ def venv_env():
 def test_backup_example(tmp_path):
     p = subprocess.run(["bash", os.path.join(TOP, "contrib", "backup", "backup.sh"),
                         str(tmp_path / "work")], capture_output=True, text=True, timeout=120,
-                       env=dict(venv_env(), NBDPROXY=" ".join(NBDPROXY)))
+                       env=dict(venv_env(), NBDPROXY=" ".join(NBDPROXY), PYTHONPATH=TOP))
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip() == "OK"
     assert "restored.raw equals the disk" in p.stderr

@@ -38,11 +38,17 @@ class Settings:
     backend_ssl: object = None          # the SSLContext verifying https: upstreams
     closer: object = None       # the daemon's pool.IdleCloser
     metrics: object = None
+    run_dir: str = "/run/nbdproxy/images"   # the sockets of image tickets' qemu-nbd
+    qemu_nbd: object = None     # the daemon's qemu_nbd.Supervisor
 
 
-def open_backend(url, writable, dirty, settings):
+def open_backend(url, writable, dirty, settings, image=None, size=None, sparse=False):
     """The backend for a ticket's URL, chosen by its scheme; BadRequest("Invalid ticket: ...")
-    when the URL cannot be served. nbd: opens nothing yet; file: opens and checks the file."""
+    when the URL cannot be served. nbd: opens nothing yet; file: opens and checks the file; an
+    image (instead of a URL) starts its qemu-nbd (API.md 7d)."""
+    if image is not None:
+        from . import image as image_backend
+        return image_backend.open_image(image, writable, size, sparse, settings)
     if url.startswith("file:"):
         from . import file
         return file.open_file(url, writable, settings.file_direct, settings.nbd_connections,

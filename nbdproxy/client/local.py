@@ -1,26 +1,22 @@
 """The local image of a transfer: qemu-img for format and creation, a private qemu-nbd to read and
-write it, and libnbd handles (one per worker) with pipelined I/O.
+write it (the daemon's runner, backends/qemu_nbd.py), and libnbd handles (one per worker) with
+pipelined I/O.
 
-qemu-nbd has no --exit-with-parent, so it runs in its own process group (a Ctrl-C on the terminal
-reaches only us), gets SIGTERM from the kernel if we die (PR_SET_PDEATHSIG), and is stopped in a
-finally by whoever started it.
+qemu-nbd runs in its own process group (a Ctrl-C on the terminal reaches only us), gets SIGTERM
+from the kernel if we die (PR_SET_PDEATHSIG), and is stopped in a finally by whoever started it.
 """
 
 import contextlib
-import ctypes
 import errno
 import json
 import logging
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import tempfile
-import time
 
 from .. import errors
 from ..backends import nbd as nbd_backend
+from ..backends import qemu_nbd
 from ..backends.pipeline import DEPTH_IN_FLIGHT, PIECE
 from .image import ClientError
 
@@ -29,50 +25,29 @@ log = logging.getLogger("nbdproxy.client")
 # A worker's buffer: the backend splits it into its pieces in flight.
 BUFFER_SIZE = PIECE * DEPTH_IN_FLIGHT
 
-PR_SET_PDEATHSIG = 1
 
-
-def _die_with_parent(parent):
-    """A preexec_fn: SIGTERM when the process that started us exits, even by SIGKILL."""
-    def preexec():
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        except Exception:
-            pass
-        if os.getppid() != parent:
-            os._exit(1)     # the parent died before prctl: nobody would stop us
-    return preexec
-
-
-def _one_line(text):
-    """qemu's messages on one line, without the program name: "qemu-img: Could not open..."."""
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    lines = [line.split(": ", 1)[1] if line.startswith(("qemu-img: ", "qemu-nbd: ")) else line
-             for line in lines]
-    return " ".join(lines)
-
-
-def _run(argv):
+@contextlib.contextmanager
+def _client_errors(prefix=""):
+    """qemu's refusals (errors.BadRequest...) as ClientErrors."""
     try:
-        p = subprocess.run(argv, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise ClientError(f"{argv[0]} is not installed") from None
-    if p.returncode != 0:
-        raise ClientError(_one_line(p.stderr) or f"{argv[0]} failed with exit status {p.returncode}")
-    return p.stdout
+        yield
+    except ClientError:
+        raise
+    except errors.Error as e:
+        raise ClientError(f"{prefix}{e}") from None
 
 
 def image_info(path):
     """qemu-img info of path: format, virtual-size, backing file..."""
-    if not os.path.exists(path):
-        raise ClientError(f"{path}: no such file")
-    return json.loads(_run(["qemu-img", "info", "--output=json", path]))
+    with _client_errors():
+        return qemu_nbd.image_info(path)
 
 
 def backing_chain(path):
     """The files of path's backing chain, path first."""
-    chain = json.loads(_run(["qemu-img", "info", "--backing-chain", "--output=json", path]))
+    with _client_errors():
+        chain = json.loads(qemu_nbd.run(["qemu-img", "info", "--backing-chain",
+                                         "--output=json", path]))
     return [image["filename"] for image in chain]
 
 
@@ -85,7 +60,8 @@ def create(path, fmt, size, backing_file=None, name=None):
         argv += ["-b", os.path.abspath(backing_file), "-F", backing_fmt]
     argv += [path, str(size)]
     try:
-        _run(argv)
+        with _client_errors():
+            qemu_nbd.run(argv)
     except ClientError as e:
         raise ClientError(str(e).replace(path, name or path)) from None
 
@@ -166,98 +142,33 @@ def _umask():
     return 0o022
 
 
-def _direct_io(path):
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
 
 
-class Server:
-    """A private qemu-nbd serving path on a unix socket in a temporary directory."""
+class Server(qemu_nbd.Server):
+    """A private qemu-nbd serving path on a unix socket in a temporary directory; zero writes
+    become zero clusters or holes, so a downloaded image stays sparse."""
 
     def __init__(self, path, fmt, read_only=False, shared=8, name=None):
-        self.ready = False
-        self.path = path
         self.name = name or path    # what messages call the image (a temporary file's user name)
-        self.fmt = fmt
         self.tmpdir = tempfile.mkdtemp(prefix="nbdproxy-")
-        self.sock = os.path.join(self.tmpdir, "nbd.sock")
-        # O_DIRECT where the file system has it (not tmpfs): no copy through the page cache,
-        # measured faster on these machines; qemu-nbd fails to open the image otherwise.
-        cache = ["--cache=none", "--aio=native"] if _direct_io(path) else \
-            ["--cache=writeback", "--aio=threads"]
-        # One more client than asked: the probe of _wait_ready may not be gone yet.
-        argv = ["qemu-nbd", "--persistent", f"--shared={shared + 1}", f"--socket={self.sock}",
-                f"--format={fmt}", *cache]
-        if read_only:
-            argv.append("--read-only")
-        else:
-            # Zero writes become zero clusters or holes: a downloaded image stays sparse.
-            argv += ["--discard=unmap", "--detect-zeroes=unmap"]
-        argv.append(path)
-        log.debug("starting %s", argv)
-        # Its messages go to a file: a pipe nobody reads could fill up and stop it.
-        self.log = os.path.join(self.tmpdir, "qemu-nbd.log")
         try:
-            with open(self.log, "wb") as err:
-                self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                                             stdout=subprocess.DEVNULL, stderr=err,
-                                             start_new_session=True,
-                                             preexec_fn=_die_with_parent(os.getpid()))
-        except FileNotFoundError:
-            shutil.rmtree(self.tmpdir, ignore_errors=True)
-            raise ClientError("qemu-nbd is not installed") from None
-        try:
-            self._wait_ready()
+            try:
+                with _client_errors():
+                    super().__init__(path, fmt, os.path.join(self.tmpdir, "nbd.sock"),
+                                     read_only=read_only, clients=shared, discard=True,
+                                     detect_zeroes=True, timeout=30)
+            except ClientError as e:
+                raise ClientError(str(e).replace(path, self.name)) from None
         except BaseException:
-            self.stop()
+            shutil.rmtree(self.tmpdir, ignore_errors=True)
             raise
-
-    def _wait_ready(self, timeout=30):
-        """Wait until qemu-nbd accepts connections. The socket file appears at bind(), before
-        listen(): a connection then is refused, so try one instead of looking for the file."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                with open(self.log, errors="replace") as f:
-                    err = _one_line(f.read()).replace(self.path, self.name)
-                raise ClientError(f"cannot open {self.name}: "
-                                  + (err or f"qemu-nbd exited {self.proc.returncode}"))
-            if os.path.exists(self.sock):
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    try:
-                        s.connect(self.sock)
-                        self.ready = True
-                        return
-                    except OSError:
-                        pass
-            if time.monotonic() > deadline:
-                raise ClientError(f"cannot open {self.name}: qemu-nbd did not start")
-            time.sleep(0.01)
 
     def connect(self):
         return Handle(self.sock, self.name)
 
     def stop(self):
-        proc = self.proc if hasattr(self, "proc") else None
-        if proc is not None and proc.poll() is None:
-            # qemu-nbd loses a SIGTERM that comes while it starts; then nothing was written yet.
-            proc.send_signal(signal.SIGTERM if self.ready else signal.SIGKILL)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        super().stop()
         shutil.rmtree(self.tmpdir, ignore_errors=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 class Handle(nbd_backend.Handle):

@@ -1,0 +1,185 @@
+"""Image tickets (API.md 7d): the daemon's own qemu-nbd serves the image for exactly the ticket's
+life, on a private unix socket under run_dir, through the NBD backend's pool."""
+
+import contextlib
+import logging
+import os
+import stat
+import threading
+import uuid
+
+from .. import errors
+from . import nbd, qemu_nbd
+
+log = logging.getLogger("nbdproxy.image")
+
+# Formats an image ticket may name: disk image formats only. Other qemu drivers read what is not
+# an image file (vvfat serves a directory, others take options or secrets).
+FORMATS = ("raw", "qcow2", "qed", "qcow", "vmdk", "vdi", "vhdx", "vpc", "parallels", "bochs",
+           "cloop", "dmg")
+
+# DELETE has let the ticket's requests end; channels lent outside a request (OPTIONS, HEAD) are
+# given back at once. Waited for this long before qemu-nbd is stopped under them.
+IDLE_WAIT = 5
+
+
+def open_image(image, writable, size, sparse, settings):
+    """An ImageBackend serving image ({"path", "format"?, "bitmap"?}) once its qemu-nbd greets.
+
+    BadRequest ("Invalid ticket: ...") when it cannot be served, Conflict when another process
+    holds its lock, ServiceUnavailable when qemu-nbd does not start in nbd_connect_timeout;
+    nothing is left running then.
+    """
+    path, fmt, bitmap = image["path"], image.get("format"), image.get("bitmap")
+    try:
+        fmt = _check(path, fmt)
+    except errors.BadRequest as e:
+        raise errors.BadRequest(f"Invalid ticket: {e}") from None
+    sock = os.path.join(_run_dir(settings.run_dir), f"{uuid.uuid4().hex[:16]}.sock")
+    backend = ImageBackend(path, sock, bool(bitmap), settings)
+    try:
+        backend.server = qemu_nbd.Server(
+            path, fmt, sock, read_only=not writable, clients=settings.nbd_connections,
+            bitmap=bitmap, discard=sparse, timeout=settings.nbd_connect_timeout or None,
+            supervisor=settings.qemu_nbd, on_exit=backend.exited)
+    except errors.BadRequest as e:
+        raise errors.BadRequest(f"Invalid ticket: {e}") from None
+    try:
+        with backend.lend() as ch:
+            backend.size = ch.size
+        if size is not None and size > backend.size:
+            raise errors.BadRequest(f"Invalid ticket: size {size} is larger than the virtual "
+                                    f"size of {path} ({backend.size})")
+    except BaseException:
+        backend.close()
+        raise
+    return backend
+
+
+def _check(path, fmt):
+    """The format to open path with; BadRequest when the ticket cannot be served."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise errors.BadRequest(f"cannot open {path}: {e.strerror}") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise errors.BadRequest(f"{path} is not a regular file or a block device")
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise errors.BadRequest(f"unsupported format {fmt!r}: expecting one of "
+                                    f"{', '.join(FORMATS)}")
+        return fmt
+    # Probed: -U, since qemu-nbd's own open decides about locks (409), not this look.
+    info = qemu_nbd.image_info(path, force_share=True)
+    if info.get("backing-filename"):
+        # A guest can write a qcow2 header naming any host file into a raw disk: only a format
+        # given by the management layer opens backing files.
+        raise errors.BadRequest(f"{path} names a backing file ({info['backing-filename']}) and "
+                                "no format was given: give 'format' to open backing chains")
+    if info.get("format") not in FORMATS:
+        raise errors.BadRequest(f"{path}: unsupported format {info.get('format')!r}")
+    return info["format"]
+
+
+def _run_dir(path):
+    """run_dir, created 0700 if missing (its parent, the control socket's, keeps its mode)."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise errors.BackendError(f"cannot create run_dir {path}: {e.strerror}") from None
+    return path
+
+
+class ImageBackend:
+    """The Backend of an image ticket: the NBD backend's pool on the socket of a qemu-nbd of its
+    own, which close() stops once no channel is busy."""
+
+    def __init__(self, path, sock, dirty, settings):
+        self.path = path
+        self.url = f"nbd:unix:{sock}"
+        self.size = None
+        self.server = None
+        self.pool = nbd.open_backend(self.url, dirty, settings)
+        self._cond = threading.Condition()
+        self._busy = 0
+        self._closing = False
+
+    # The Backend interface: the pool's, counting busy channels.
+
+    def acquire(self):
+        self._check_running()
+        with self._cond:
+            if self._closing:
+                raise errors.Canceled("Ticket was removed")
+            self._busy += 1
+        try:
+            return self.pool.acquire()
+        except BaseException:
+            self._given_back()
+            raise
+
+    def release(self, ch, reuse=True):
+        try:
+            self.pool.release(ch, reuse)
+        finally:
+            self._given_back()
+
+    @contextlib.contextmanager
+    def lend(self):
+        ch = self.acquire()
+        try:
+            yield ch
+        except BaseException:
+            self.release(ch, reuse=False)
+            raise
+        self.release(ch)
+
+    def caps(self, ch):
+        return self.pool.caps(ch)
+
+    def flush(self, ch):
+        self.pool.flush(ch)
+
+    def close(self):
+        """No more channels; qemu-nbd stops (SIGTERM, SIGKILL after 10 s) once none is busy:
+        now, or when the last one is given back."""
+        with self._cond:
+            self._closing = True
+        self.pool.close()
+        with self._cond:
+            self._cond.wait_for(lambda: not self._busy, IDLE_WAIT)
+            if self._busy:
+                return      # the last release stops it
+        self._stop()
+
+    # qemu-nbd
+
+    def _given_back(self):
+        with self._cond:
+            self._busy -= 1
+            last = self._closing and not self._busy
+            self._cond.notify_all()
+        if last:
+            # After a 409 or a long IDLE_WAIT: nobody waits for this stop.
+            threading.Thread(target=self._stop, name="qemu-nbd-stop", daemon=True).start()
+
+    def _stop(self):
+        # Server.stop() runs once; a second caller waits until it is done.
+        if self.server is not None and not self.server.stopping:
+            log.info("stopping qemu-nbd for %s", self.path)
+        if self.server is not None:
+            self.server.stop()
+
+    def _check_running(self):
+        server = self.server
+        if server is not None and server.returncode is not None and not server.stopping:
+            raise errors.BackendError(f"qemu-nbd serving {self.path} has exited "
+                                      f"({qemu_nbd.describe_status(server.returncode)})")
+
+    def exited(self, server, status):
+        """From the supervisor: qemu-nbd exited. Unless it was stopped, requests now fail (500);
+        it is not restarted behind the ticket's back."""
+        if not server.stopping and server.ready:
+            why = server.message()
+            log.error("qemu-nbd serving %s exited on its own (%s)%s; its ticket's requests fail",
+                      self.path, qemu_nbd.describe_status(status), f": {why}" if why else "")
