@@ -1,7 +1,6 @@
 """Image tickets (API.md 7d): the daemon's own qemu-nbd serves the image for exactly the ticket's
 life, on a private unix socket under run_dir, through the NBD backend's pool."""
 
-import contextlib
 import logging
 import os
 import stat
@@ -10,6 +9,7 @@ import uuid
 
 from .. import errors
 from . import nbd, qemu_nbd
+from .pool import Lending
 
 log = logging.getLogger("nbdproxy.image")
 
@@ -90,7 +90,7 @@ def _run_dir(path):
     return path
 
 
-class ImageBackend:
+class ImageBackend(Lending):
     """The Backend of an image ticket: the NBD backend's pool on the socket of a qemu-nbd of its
     own, which close() stops once no channel is busy."""
 
@@ -124,21 +124,18 @@ class ImageBackend:
         finally:
             self._given_back()
 
-    @contextlib.contextmanager
-    def lend(self):
-        ch = self.acquire()
-        try:
-            yield ch
-        except BaseException:
-            self.release(ch, reuse=False)
-            raise
-        self.release(ch)
-
     def caps(self, ch):
         return self.pool.caps(ch)
 
     def flush(self, ch):
         self.pool.flush(ch)
+
+    @property
+    def lost(self):
+        return self.pool.lost
+
+    def lose(self, why):
+        self.pool.lose(why)
 
     def close(self):
         """No more channels; qemu-nbd stops (SIGTERM, SIGKILL after 10 s) once none is busy:

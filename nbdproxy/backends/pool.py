@@ -11,7 +11,22 @@ from .. import errors
 log = logging.getLogger("nbdproxy.pool")
 
 
-class Pool:
+class Lending:
+    """lend() for a backend with acquire() and release(): a channel for one request; one that
+    saw an error is closed, not reused."""
+
+    @contextlib.contextmanager
+    def lend(self):
+        ch = self.acquire()
+        try:
+            yield ch
+        except BaseException:
+            self.release(ch, reuse=False)
+            raise
+        self.release(ch)
+
+
+class Pool(Lending):
     """A ticket's connections to one storage server: reused across requests, at most `limit`
     open at once, closed after `idle_timeout` seconds unused (0: when their request ends; None:
     never). `connect()` makes a new one; `name` says which server in the log.
@@ -36,17 +51,6 @@ class Pool:
 
     def caps(self, h):
         return h.caps(self.limit)
-
-    @contextlib.contextmanager
-    def lend(self):
-        """A connection for one request; one that saw an error is closed, not reused."""
-        h = self.acquire()
-        try:
-            yield h
-        except BaseException:
-            self.release(h, reuse=False)
-            raise
-        self.release(h)
 
     def acquire(self):
         while True:
