@@ -19,7 +19,7 @@ from . import __version__, checksum, http, metrics, tickets
 from .app import App
 from . import backends
 from .backends.pool import IdleCloser
-from .backends import http as backend_http
+from .backends.upstream import tls_context as backend_tls_context
 from .backends.qemu_nbd import Supervisor
 from .errors import ConfigError
 
@@ -457,7 +457,7 @@ class Server:
             nbd_tls_certificates=config.nbd_tls_certificates or None,
             closer=IdleCloser(), metrics=self.metrics,
             backend_timeout=config.backend_timeout,
-            backend_ssl=backend_http.tls_context(config.backend_ca_file),
+            backend_ssl=backend_tls_context(config.backend_ca_file),
             run_dir=config.run_dir, qemu_nbd=Supervisor())
         self.metrics.qemu_nbd = self.backend_settings.qemu_nbd
         self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics,
@@ -598,7 +598,7 @@ class Server:
         if not self.config.backend_ca_file:
             return
         try:
-            self.backend_settings.backend_ssl = backend_http.tls_context(
+            self.backend_settings.backend_ssl = backend_tls_context(
                 self.config.backend_ca_file)
         except ConfigError as e:
             log.error("SIGHUP: keeping the current backend CA: %s", e)

@@ -375,7 +375,7 @@ def test_size_not_multiple_of_4096(daemon, tmp_path, connect):
 def test_extents_across_block_status_windows(daemon, tmp_path, connect):
     """One NBD block status covers at most 4 GiB - 1 MiB: a 13 GiB export takes 4 commands,
     in flight together, and data straddling their boundaries is where it is."""
-    from nbdproxy.backends.nbd import MAX_STATUS
+    from nbdproxy.backends.nbd_status import MAX_STATUS
     size = 13 * 1024**3
     server = nbdkit(str(tmp_path / "big.sock"), "memory", f"size={size}")
     data_at = [0, MAX_STATUS - 4096, 2 * MAX_STATUS + MiB, size - 4096]

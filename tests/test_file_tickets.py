@@ -459,7 +459,8 @@ def test_zero_allocation(target, sparse):
     with open(target.path, "rb") as f:
         hole = os.lseek(f.fileno(), 0, os.SEEK_HOLE)
     if sparse:
-        assert st.st_blocks * 512 <= blocks * 512 - 3 * MiB
+        # (ext4 may take a block or two for its extent tree when holes split an extent)
+        assert st.st_blocks * 512 <= blocks * 512 - 3 * MiB + 64 * 1024
         assert hole == MiB
     else:
         assert st.st_blocks >= blocks

@@ -421,10 +421,10 @@ def test_memory_is_given_back(tmp_path, cert):
 def test_aio_commands_leave_nothing_behind(tmp_path):
     """In the backend itself: thousands of NBD commands do not leave their buffers behind."""
     import gc
-    from nbdproxy.backends import nbd as backend
+    from nbdproxy.backends import nbd as backend, nbd_url
     server = nbdkit(str(tmp_path / "mem.sock"), "memory", "size=16M")
     try:
-        h = backend.Handle(backend.parse_url(server.url))
+        h = backend.Handle(nbd_url.parse_url(server.url))
         buf = bytearray(4 * MiB)
 
         def count():

@@ -537,7 +537,8 @@ class StallingUpstream:
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
                                  % (len(body), body))
                 elif self.mode == "body":
-                    conn.sendall(b"HTTP/1.1 206 Partial\r\nContent-Length: 1048576\r\n\r\n"
+                    conn.sendall(b"HTTP/1.1 206 Partial\r\nContent-Length: 1048576\r\n"
+                                 b"Content-Range: bytes 0-1048575/1048576\r\n\r\n"
                                  + b"x" * 1000)
                     return      # and stall
                 else:

@@ -1,4 +1,5 @@
-"""The NBD backend: ticket URLs, libnbd connections pooled per ticket, pipelined reads and writes.
+"""The NBD backend: a Pool of libnbd Handles per ticket; a Handle connects (with a deadline),
+reads and writes pipelined, zeroes, flushes and answers block status (nbd_status.py).
 
 Nothing here knows HTTP; failures of the NBD server become errors.BackendError.
 """
@@ -7,36 +8,30 @@ import collections
 import ctypes
 import logging
 import os
-import re
 import select
 import sys
 import threading
 import time
-import urllib.parse
 
 import nbd
 
 from .. import errors
-from . import Caps, Extent
+from . import Caps
+from .nbd_status import ALLOCATION, DEPTH, BlockStatus
+from .nbd_url import parse_url
 from .pipeline import Pipeline
 from .pool import Pool
 
 log = logging.getLogger("nbdproxy.nbd")
 
-ALLOCATION = nbd.CONTEXT_BASE_ALLOCATION
-DEPTH = "qemu:allocation-depth"
 BITMAP_PREFIX = "qemu:dirty-bitmap:"
 
-# WRITE_ZEROES pieces (API.md 4) and the block status window asked per command.
+# WRITE_ZEROES pieces (API.md 4).
 MAX_ZERO = 128 * 1024**2
 # How long one libnbd poll waits before the waiter looks at the deadline and what is in flight.
 POLL_MS = 1000
 # Zeroing 1 TiB with qemu-nbd in 128 MiB commands: 0.49 s one at a time, 0.18 s with 8 in flight.
 ZERO_DEPTH = 8
-MAX_STATUS = 2**32 - 2**20
-# Block status commands in flight. make bench, extents of the 1 TiB sparse image from
-# qemu-nbd (256 commands), medians of 3: 0.015 s one at a time; 0.007-0.008 s with 4, 8 or 32.
-STATUS_DEPTH = 8
 
 # Each piece goes to NBD as commands of at most this size (the nbd_request_size setting).
 # make bench, 2 GiB from qemu-nbd 7.2 (cache=none) over the unix socket, 1 connection, medians
@@ -45,160 +40,7 @@ STATUS_DEPTH = 8
 REQUEST_SIZE = 512 * 1024
 
 
-class Address:
-    """Where an export is: a unix socket path or a TCP host and port, the export name, and the CA
-    directory that verifies the server when TLS is required (None: no TLS)."""
-
-    def __init__(self, unix=None, host=None, port=None, export="", tls_certificates=None):
-        self.unix, self.host, self.port, self.export = unix, host, port, export
-        self.tls_certificates = tls_certificates
-
-    def aio_connect(self, h):
-        """Start connecting h; the handshake is then driven by polling (see Handle._settle).
-
-        Every URL form comes here parsed: libnbd's own URI parser never sees a client's URL,
-        so nothing in it can make libnbd read a local file or pick another transport."""
-        if self.tls_certificates is not None:
-            h.set_tls(nbd.TLS_REQUIRE)
-            h.set_tls_certificates(self.tls_certificates)
-            h.set_tls_verify_peer(True)
-            if self.unix:
-                # A unix socket has no host name to check the certificate against: the server
-                # is local, its certificate must be valid for localhost (parse_url refuses
-                # nbds+unix where libnbd has no set_tls_hostname).
-                h.set_tls_hostname("localhost")
-        h.set_export_name(self.export)
-        if self.unix:
-            h.aio_connect_unix(self.unix)
-        else:
-            h.aio_connect_tcp(self.host, str(self.port))
-
-    def __str__(self):
-        where = self.unix or f"{self.host}:{self.port}"
-        return f"{where} export {self.export!r}" if self.export else where
-
-
-# qemu's legacy forms (API.md 5); the export name is taken as it is, as qemu does.
-_OLD_UNIX = re.compile(r"nbd:unix:(?P<path>[^:]+)(?::exportname=(?P<export>.*))?", re.S)
-_OLD_TCP = re.compile(r"nbd:(?P<host>[A-Za-z0-9._~-]+|\[[0-9a-fA-F:.]+\]):(?P<port>[0-9]{1,5})"
-                      r"(?::exportname=(?P<export>.*))?", re.S)
-# NBD URIs (the NBD URI standard, as libnbd spells them: lower-case schemes only).
-_URI = re.compile(r"(?P<scheme>nbds?(?:\+unix)?)://(?P<authority>[^/?#]*)"
-                  r"(?P<path>/[^?#]*)?(?:\?(?P<query>[^#]*))?(?P<fragment>#.*)?", re.S)
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-_HOST = re.compile(r"(?P<host>[A-Za-z0-9._~-]+|\[[0-9A-Fa-f:.]+\])(?::(?P<port>[0-9]*))?")
-NBD_PORT = 10809
-MAX_EXPORT_NAME = 4096      # bytes, the NBD protocol's limit
-# Query parameters libnbd knows that read local files or override our TLS settings.
-_TLS_PARAMS = ("tls-psk-file", "tls-certificates", "tls-verify-peer", "tls-username",
-               "tls-hostname")
-
-
-def parse_url(url, tls_certificates=None):
-    """Parse a ticket URL into an Address; ValueError says what is wrong.
-
-    tls_certificates is the CA directory (the nbd_tls_certificates setting) that verifies the
-    servers of nbds:// and nbds+unix:// URLs; without it those URLs are refused.
-    """
-    m = _OLD_UNIX.fullmatch(url)
-    if m:
-        return Address(unix=m["path"], export=_export(m["export"] or ""))
-    m = _OLD_TCP.fullmatch(url)
-    if m:
-        return Address(host=m["host"].strip("[]"), port=_port(m["port"]),
-                       export=_export(m["export"] or ""))
-    m = _URI.fullmatch(url)
-    if not m and re.match(r"(?i)nbds?(\+unix)?://", url):
-        raise ValueError(f"NBD URL schemes are lower case: {_show(url)}")
-    if not m:
-        raise ValueError(f"unsupported NBD URL {_show(url)}: expecting nbd:unix:/path, "
-                         "nbd:HOST:PORT, nbd://HOST[:PORT]/NAME, nbd+unix:///NAME?socket=/path "
-                         "or their nbds forms")
-    scheme = m["scheme"]
-    if m["fragment"] is not None:
-        raise ValueError(f"a fragment (#...) is not allowed in an NBD URL: {_show(url)}")
-    tls = None
-    if scheme.startswith("nbds"):
-        if not tls_certificates:
-            raise ValueError(f"{scheme}:// URLs need the nbd_tls_certificates setting "
-                             "(the CA directory that verifies NBD servers)")
-        tls = tls_certificates
-    export = _export(_unquote(m["path"][1:] if m["path"] else "", "the export name"))
-    query = _query(scheme, m["query"])
-    if scheme.endswith("+unix"):
-        if tls and not hasattr(nbd.NBD, "set_tls_hostname"):
-            # libnbd before 1.22 checks a certificate only against a TCP host name: on a unix
-            # socket it would take any certificate.
-            raise ValueError(f"this libnbd ({nbd.NBD().get_version()}) cannot verify the "
-                             "certificate of an NBD server on a unix socket (libnbd 1.22 can); "
-                             "use nbds://HOST:PORT/NAME")
-        if m["authority"]:
-            raise ValueError(f"{scheme}:// URLs name no host: {scheme}:///NAME?socket=/path")
-        if "socket" not in query:
-            raise ValueError(f"{scheme}:// URLs need ?socket=/path")
-        return Address(unix=query["socket"], export=export, tls_certificates=tls)
-    if "@" in m["authority"]:
-        raise ValueError(f"a user name is not allowed in an NBD URL: {_show(url)}")
-    h = _HOST.fullmatch(m["authority"])
-    if not h:
-        raise ValueError(f"{scheme}:// URLs need a host: {scheme}://HOST[:PORT]/NAME")
-    port = NBD_PORT if h["port"] is None else _port(h["port"])
-    return Address(host=h["host"].strip("[]"), port=port, export=export, tls_certificates=tls)
-
-
-def _query(scheme, raw):
-    """The query's parameters as a dict; only socket= in a +unix URL is allowed."""
-    params = {}
-    for part in (raw or "").split("&"):
-        if not part:
-            continue    # "a&&b", a trailing "&": libnbd skips empty parts too
-        name, _, value = part.partition("=")
-        name = _unquote(name, "a query parameter name")
-        if name in _TLS_PARAMS:
-            raise ValueError(f"query parameter {name!r} is not allowed: TLS is verified with "
-                             "the nbd_tls_certificates setting, and the URL may not name "
-                             "local files")
-        if name != "socket" or not scheme.endswith("+unix"):
-            raise ValueError(f"query parameter {name!r} is not allowed in {scheme}:// URLs")
-        if name in params:
-            raise ValueError("socket= is given twice in the NBD URL")
-        params[name] = _unquote(value, "the socket path")
-        if not params[name]:
-            raise ValueError("an empty socket= in the NBD URL")
-    return params
-
-
-def _port(text):
-    port = int(text) if text and len(text) <= 5 else 0
-    if not 0 < port < 65536:
-        raise ValueError(f"bad port {text[:10]!r} in the NBD URL: expecting 1 to 65535")
-    return port
-
-
-def _unquote(text, what):
-    try:
-        value = urllib.parse.unquote(text, errors="strict")
-    except UnicodeDecodeError:
-        raise ValueError(f"{what} in the NBD URL is not UTF-8 once percent-decoded") from None
-    # Decoded, as in the ticket's own strings (API.md 5): no NUL for libnbd's C strings, and no
-    # CR/LF for the log.
-    if _CONTROL.search(value):
-        raise ValueError(f"{what} in the NBD URL holds a control character once percent-decoded")
-    return value
-
-
-def _export(name):
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_EXPORT_NAME:
-        raise ValueError(f"the export name is longer than {MAX_EXPORT_NAME} bytes")
-    return name
-
-
-def _show(url):
-    """The URL for a message: quoted, and not all of a 64 KiB body."""
-    return repr(url if len(url) <= 200 else url[:200] + "...")
-
-
-class Handle(Pipeline):
+class Handle(Pipeline, BlockStatus):
     """One libnbd connection to the export, with the contexts this ticket needs."""
 
     IO_ERRORS = (nbd.Error,)
@@ -401,79 +243,6 @@ class Handle(Pipeline):
             with h._count_lock:
                 h.unflushed -= n
 
-    def block_status(self, offset, length):
-        """Yield (length, {context: flags}) runs covering [offset, offset+length) in order.
-
-        One command covers at most MAX_STATUS bytes: a 1 TiB image takes 256, so STATUS_DEPTH of
-        them are in flight at once. A reply that covers less than its window is followed by a
-        command for the rest of that window, ahead of the later ones.
-        """
-        if ALLOCATION not in self.contexts:
-            if length:
-                yield length, {}
-            return
-        end = offset + length
-        inflight = collections.deque()     # ([(cookie, None)], start, length, replies), in order
-        try:
-            while inflight or offset < end:
-                while offset < end and len(inflight) < STATUS_DEPTH:
-                    n = min(end - offset, MAX_STATUS)
-                    inflight.append(self._submit_status(offset, n))
-                    offset += n
-                [(cookie, _)], start, n, replies = inflight[0]
-                self._wait(cookie)
-                inflight.popleft()
-                moved = 0
-                for run, flags in _combine(replies, n):
-                    yield run, flags
-                    moved += run
-                if moved == 0:
-                    raise errors.BackendError(f"NBD block status made no progress at {start}")
-                if moved < n:
-                    inflight.appendleft(self._submit_status(start + moved, n - moved))
-        except nbd.Error as e:
-            raise errors.BackendError(f"NBD block status failed: {e}") from e
-        finally:
-            self._drain(inflight)
-
-    def extents(self, context, offset, length, check=None):
-        """Yield Extents of context ("zero" or "dirty") covering [offset, offset+length), in
-        order, neighbours with equal flags merged; NotFound when the export cannot answer.
-        check() runs for each run block status gives, so a long walk can be stopped."""
-        if context == "dirty" and self.dirty_context not in self.contexts:
-            raise errors.NotFound("The export has no dirty bitmap")
-        if context not in ("zero", "dirty"):
-            raise errors.NotFound(f"No extents of context {context!r}")
-        bitmap = self.dirty_context
-        run = None
-        pos = offset
-        for n, flags in self.block_status(offset, length):
-            if check is not None:
-                check()
-            zero = bool(flags.get(ALLOCATION, 0) & nbd.STATE_ZERO)
-            if context == "dirty":
-                hole, dirty = False, bool(flags.get(bitmap, 0) & 1)
-            else:
-                hole, dirty = flags.get(DEPTH) == 0, False
-            if run is not None and (run.zero, run.hole, run.dirty) == (zero, hole, dirty):
-                run = run._replace(length=run.length + n)
-            else:
-                if run is not None:
-                    yield run
-                run = Extent(pos, n, zero, hole, dirty)
-            pos += n
-        if run is not None:
-            yield run
-
-    def _submit_status(self, start, length):
-        replies = {}
-
-        def extent(context, offset, entries, err):
-            replies[context] = [(entries[i], entries[i + 1]) for i in range(0, len(entries), 2)]
-            return 0
-
-        return [(self.h.aio_block_status(length, start, extent), None)], start, length, replies
-
     def _failure(self, what, e):
         return super()._failure(f"NBD {what}", e)
 
@@ -572,33 +341,6 @@ def _close(h):
     close = getattr(h, "close", None)
     if close is not None:
         close()
-
-
-def _combine(replies, limit):
-    """Cut the per-context extent lists at every boundary of any of them, up to limit bytes.
-
-    Contexts may answer with different lengths; stop at the shortest answer so that every run
-    has flags from every context.
-    """
-    if not replies:
-        yield limit, {}
-        return
-    lists = {c: collections.deque(e) for c, e in replies.items() if e}
-    if len(lists) < len(replies):
-        return
-    total = min(limit, min(sum(n for n, _ in e) for e in lists.values()))
-    done = 0
-    while done < total:
-        n = min(total - done, min(e[0][0] for e in lists.values()))
-        flags = {c: e[0][1] for c, e in lists.items()}
-        for e in lists.values():
-            head_len, head_flags = e[0]
-            if head_len == n:
-                e.popleft()
-            else:
-                e[0] = (head_len - n, head_flags)
-        done += n
-        yield n, flags
 
 
 def open_backend(url, dirty, settings):

@@ -16,6 +16,7 @@ import tempfile
 
 from .. import errors
 from ..backends import nbd as nbd_backend
+from ..backends.nbd_url import Address
 from ..backends import qemu_nbd
 from ..backends.pipeline import DEPTH_IN_FLIGHT, PIECE
 from .image import ClientError
@@ -178,7 +179,7 @@ class Handle(nbd_backend.Handle):
     def __init__(self, sock, name):
         self.name = name
         try:
-            super().__init__(nbd_backend.Address(unix=sock))
+            super().__init__(Address(unix=sock))
         except errors.BackendError as e:
             raise ClientError(f"{name}: cannot connect to qemu-nbd: {e}") from None
 
