@@ -692,13 +692,15 @@ def tls_copy(cert, key, cafile, plans, src):
     listener.listen(len(plans))
     port = listener.getsockname()[1]
     view_src = memoryview(src)
+    # Both contexts are made before the clock starts, as the daemons' are.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)     # as nbdproxy's server.py
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=cafile)
 
     def server():
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)     # as nbdproxy's server.py
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(cert, key)
-
         def serve(raw):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as nbdproxy
             with ctx.wrap_socket(raw, server_side=True) as s:
                 head = bytearray(_HEAD.size)
                 view = memoryview(bytearray(CLIENT_BUFFER))
@@ -719,11 +721,11 @@ def tls_copy(cert, key, cafile, plans, src):
         run_threads(serve, [(c,) for c in conns])
     pid, r = _child(server)
     listener.close()
-    client_ctx = ssl.create_default_context(cafile=cafile)
     ciphers = []
 
     def client(plan):
         raw = socket.create_connection(("127.0.0.1", port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)     # as http.client
         with client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
             ciphers.append(s.cipher()[0])
             view = memoryview(bytearray(CLIENT_BUFFER))

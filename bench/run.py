@@ -132,6 +132,12 @@ class Context:
         self.daemons[BUFFERED] = systems.NbdProxy(os.path.join(self.work, BUFFERED), self.cert,
                                                   self.key, extra_args=["--no-file-direct"])
         self.daemons[BUFFERED].name = BUFFERED
+        # The TLS limit must use the cipher the daemons negotiate with this client.
+        self.ciphers = {}
+        for name, d in self.daemons.items():
+            conn = d.endpoint("tls").connect()
+            self.ciphers[name] = conn.sock.cipher()[0]
+            conn.close()
 
     def daemon(self, system, buffered=False):
         """The daemon of a system; "nbdproxy" on a buffered file row is the --no-file-direct one."""
@@ -802,6 +808,7 @@ def main(argv=None):
             print(s.name)
         return 0
     started = datetime.datetime.now()
+    load_before = os.getloadavg()   # the machine may be shared: say how busy it was
     ctx.setup()
     scenarios = [s for s in all_scenarios(ctx) if selected(s.name, args.only)]
     if not scenarios:
@@ -850,6 +857,19 @@ def main(argv=None):
     delete_errors = {n: len(d.delete_errors) for n, d in ctx.daemons.items() if d.delete_errors}
     if delete_errors:
         header.append(f"note: DELETE /tickets/ID answered 500 (ticket removed) {delete_errors}")
+    tls_ciphers = sorted({c for ss in samples.values() for s in ss.get("tls-limit", [])
+                          for c in s["cipher"]})
+    if tls_ciphers:
+        header.append(
+            "tls lim: the same bytes (and requests) as a plain Python TLS socket copy, no HTTP, "
+            "no storage (ssl module, server forked, same certificate, client recv_into 4 MiB), "
+            f"handshakes timed; cipher {', '.join(tls_ciphers)} (daemons: "
+            + ", ".join(f"{k} {v}" for k, v in ctx.ciphers.items()) + "); np/tls: nbdproxy "
+            "over it")
+    header.append("rule: issue 13's rule, >= 1.5x imageio or, where the lower of the row's "
+                  "limits is under 1.5x imageio, >= 0.9x that limit; * marks the rows it is a "
+                  "target for (misses of those rows: that rule, and daemon CPU/GiB <= 0.5x "
+                  "imageio's on unix-socket downloads)")
     text = "\n".join(header) + "\n\n" + table(rows)
     print(text)
     result = {
@@ -859,10 +879,12 @@ def main(argv=None):
         "runs": args.runs, "quick": args.quick, "only": args.only,
         "sizes": ctx.sizes, "qemu_nbd_cache": "none" if ctx.direct else "writeback",
         "nbd_servers": ctx.nbd.describe(), "nbd_server_env": systems.NBD_SERVER_ENV,
+        "tls_ciphers": ctx.ciphers, "load_before": load_before, "load_after": os.getloadavg(),
         "imageio_version": systems.IMAGEIO_VERSION, "delete_ticket_errors": delete_errors,
         "targets": {"speed_vs_imageio": SPEED_TARGET, "download_vs_nbdcopy": NBDCOPY_TARGET,
                     "cpu_vs_imageio": CPU_TARGET, "sparse_extents_s": EXTENTS_TARGET,
-                    "sparse_download_s": SPARSE_DL_TARGET},
+                    "sparse_download_s": SPARSE_DL_TARGET, "file_rows_vs_limit": LIMIT_TARGET,
+                    "file_rows_cpu_vs_imageio": FILE_CPU_TARGET},
         "rows": rows, "table": text,
     }
     if not args.no_save:
