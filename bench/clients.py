@@ -7,9 +7,12 @@ space and is not what is measured. Every transfer checks a sample of what it mov
 
 import hashlib
 import json
+import mmap
 import os
 import queue
 import socket
+import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -455,3 +458,304 @@ def nbd_sparse_upload(sock, size, layout, piece, conns, src):
         for h in handles:
             h.shutdown()
     return seconds, len(layout) * piece
+
+
+# File limits: the bytes of a file ticket moved with no HTTP daemon (issue 13)
+
+FILE_BUFFER = 8 * MiB      # per read or write in flight (the daemons' buffer size)
+FILE_IN_FLIGHT = 4         # O_DIRECT reads or writes in flight at once
+
+
+def _times():
+    t = os.times()
+    return t.user + t.system
+
+
+def _pieces(size, n=FILE_BUFFER):
+    return [(off, min(n, size - off)) for off in range(0, size, n)]
+
+
+def direct_read(path, size, in_flight=FILE_IN_FLIGHT):
+    """The file read with O_DIRECT: in_flight threads, os.preadv into aligned mmap buffers (the
+    page cache, even where the file is cached, serves none of it). Returns (seconds, cpu)."""
+    q = queue.Queue()
+    for item in _pieces(size):
+        q.put(item)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+
+    def worker():
+        buf = mmap.mmap(-1, FILE_BUFFER)
+        while True:
+            try:
+                off, n = q.get_nowait()
+            except queue.Empty:
+                return
+            view = memoryview(buf)[:n]
+            got = 0
+            while got < n:
+                m = os.preadv(fd, [view[got:]], off + got)
+                if not m:
+                    raise BenchError(f"{path}: short O_DIRECT read at {off + got}")
+                got += m
+    try:
+        cpu0, start = _times(), time.perf_counter()
+        run_threads(worker, [() for _ in range(in_flight)])
+        return time.perf_counter() - start, _times() - cpu0
+    finally:
+        os.close(fd)
+
+
+def direct_write(path, src, size, in_flight=FILE_IN_FLIGHT):
+    """src written to the file with O_DIRECT from aligned buffers (each piece copied into one, as
+    a daemon receives into its buffer), in_flight threads, then fdatasync: (seconds, cpu)."""
+    q = queue.Queue()
+    for item in _pieces(size):
+        q.put(item)
+    fd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+    view_src = memoryview(src)
+
+    def worker():
+        buf = mmap.mmap(-1, FILE_BUFFER)
+        while True:
+            try:
+                off, n = q.get_nowait()
+            except queue.Empty:
+                return
+            view = memoryview(buf)[:n]
+            view[:] = view_src[off:off + n]
+            done = 0
+            while done < n:
+                done += os.pwritev(fd, [view[done:]], off + done)
+    try:
+        cpu0, start = _times(), time.perf_counter()
+        run_threads(worker, [() for _ in range(in_flight)])
+        os.fdatasync(fd)
+        return time.perf_counter() - start, _times() - cpu0
+    finally:
+        os.close(fd)
+
+
+def warm(path, size):
+    """Read the file once through the page cache, so that buffered downloads find it there."""
+    buf = bytearray(FILE_BUFFER)
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+
+
+def _child(fn):
+    """fork: the child runs fn() and reports its CPU seconds through a pipe; (pid, read fd)."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(r)
+            fn()
+            os.write(w, f"{_times()}".encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(w)
+    return pid, r
+
+
+def _reap(pid, r):
+    cpu = float(os.read(r, 100) or -1)
+    os.close(r)
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or cpu < 0:
+        raise BenchError("limit: the child process failed")
+    return cpu
+
+
+def sendfile_copy(path, size, conns):
+    """The file sent from the page cache with os.sendfile on conns unix socket pairs (a contiguous
+    part each, one thread per pair) to a forked reader's recv_into: (seconds, cpu, reader cpu)."""
+    parts = split(0, size, conns)
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in parts]
+
+    def reader():
+        def one(sock, length):
+            view = memoryview(bytearray(CLIENT_BUFFER))
+            got = 0
+            while got < length:
+                n = sock.recv_into(view)
+                if not n:
+                    raise BenchError("sendfile copy ended early")
+                got += n
+        for a, _ in pairs:
+            a.close()
+        run_threads(one, [(b, n) for (_, b), (_, n) in zip(pairs, parts)])
+    pid, r = _child(reader)
+    for _, b in pairs:
+        b.close()
+    fd = os.open(path, os.O_RDONLY)
+
+    def sender(sock, off, length):
+        end = off + length
+        while off < end:
+            n = os.sendfile(sock.fileno(), fd, off, min(end - off, 2 * MiB))
+            if not n:
+                raise BenchError("sendfile: end of file")
+            off += n
+        sock.close()
+    try:
+        cpu0, start = _times(), time.perf_counter()
+        run_threads(sender, [(a, off, n) for (a, _), (off, n) in zip(pairs, parts)])
+        child_cpu = _reap(pid, r)
+        return time.perf_counter() - start, _times() - cpu0, child_cpu
+    finally:
+        os.close(fd)
+
+
+def socket_to_file(path, src, size, conns):
+    """src sent by a forked writer on conns unix socket pairs to threads here that recv_into a
+    buffer and pwrite it into the page cache, then one fdatasync (the row's flush):
+    (seconds, cpu, writer cpu)."""
+    parts = split(0, size, conns)
+    pairs = [socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) for _ in parts]
+    view_src = memoryview(src)
+
+    def writer():
+        def one(sock, off, length):
+            sock.sendall(view_src[off:off + length])
+            sock.close()
+        for a, _ in pairs:
+            a.close()
+        run_threads(one, [(b, off, n) for (_, b), (off, n) in zip(pairs, parts)])
+    pid, r = _child(writer)
+    for _, b in pairs:
+        b.close()
+    fd = os.open(path, os.O_WRONLY)
+
+    def receiver(sock, off, length):
+        buf = bytearray(CLIENT_BUFFER)
+        view = memoryview(buf)
+        end = off + length
+        while off < end:
+            n = sock.recv_into(view[:min(len(view), end - off)])
+            if not n:
+                raise BenchError("socket to file: ended early")
+            done = 0
+            while done < n:
+                done += os.pwrite(fd, view[done:n], off + done)
+            off += n
+    try:
+        cpu0, start = _times(), time.perf_counter()
+        run_threads(receiver, [(a, off, n) for (a, _), (off, n) in zip(pairs, parts)])
+        os.fdatasync(fd)
+        seconds = time.perf_counter() - start
+        return seconds, _times() - cpu0, _reap(pid, r)
+    finally:
+        os.close(fd)
+
+
+def verify_file(path, src, samples):
+    """Read (offset, length) samples of a file (past the page cache) and compare with src."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for off, n in samples:
+            if os.pread(fd, n, off) != src[off:off + n]:
+                raise BenchError(f"{path} differs from the source at {off}+{n}")
+    finally:
+        os.close(fd)
+
+
+# The TLS limit: a plain Python TLS socket copy (issue 13)
+
+_HEAD = struct.Struct("!cQQ")   # op (D: server sends, U: client sends, E: end), offset, length
+
+
+def tls_plans_stream(ranges, direction, piece=None):
+    """One connection per (offset, length) range, moving it in one item (or in piece-sized items,
+    as the upload client's PUTs): the plans tls_copy takes."""
+    plans = []
+    for off, n in ranges:
+        cut = split(off, n, -(-n // piece)) if piece else [(off, n)]
+        plans.append([(direction, o, m) for o, m in cut])
+    return plans
+
+
+def tls_copy(cert, key, cafile, plans, src):
+    """The same bytes over TLS with no HTTP and no storage: one TLS connection per plan (a list of
+    (op, offset, length) items: "D" the server sends src[offset:offset+length], "U" the client
+    sends it and the server answers one byte), the server a forked process with a thread per
+    connection and the daemons' TLS settings, the client recv_into a 4 MiB buffer. Timed from the
+    first connect (handshakes included, as in the daemons' rows) to the last byte.
+
+    Returns a dict: seconds, client_cpu, server_cpu, requests, bytes, cipher.
+    """
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(len(plans))
+    port = listener.getsockname()[1]
+    view_src = memoryview(src)
+    # Both contexts are made before the clock starts, as the daemons' are.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)     # as nbdproxy's server.py
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=cafile)
+
+    def server():
+        def serve(raw):
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # as nbdproxy
+            with ctx.wrap_socket(raw, server_side=True) as s:
+                head = bytearray(_HEAD.size)
+                view = memoryview(bytearray(CLIENT_BUFFER))
+                while True:
+                    _read_exact(s, memoryview(head))
+                    op, off, n = _HEAD.unpack(head)
+                    if op == b"E":
+                        return
+                    if op == b"D":
+                        for o, m in split(off, n, -(-n // CLIENT_BUFFER), 1):
+                            s.sendall(view_src[o:o + m])
+                    else:
+                        left = n
+                        while left:
+                            left -= _read_exact(s, view[:min(left, len(view))])
+                        s.sendall(b"k")
+        conns = [listener.accept()[0] for _ in plans]
+        run_threads(serve, [(c,) for c in conns])
+    pid, r = _child(server)
+    listener.close()
+    ciphers = []
+
+    def client(plan):
+        raw = socket.create_connection(("127.0.0.1", port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)     # as http.client
+        with client_ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            ciphers.append(s.cipher()[0])
+            view = memoryview(bytearray(CLIENT_BUFFER))
+            ack = memoryview(bytearray(1))
+            for op, off, n in plan:
+                s.sendall(_HEAD.pack(op.encode(), off, n))
+                if op == "D":
+                    left = n
+                    while left:
+                        left -= _read_exact(s, view[:min(left, len(view))])
+                else:
+                    s.sendall(view_src[off:off + n])
+                    _read_exact(s, ack)
+            s.sendall(_HEAD.pack(b"E", 0, 0))
+    cpu0, start = _times(), time.perf_counter()
+    run_threads(client, [(p,) for p in plans])
+    seconds = time.perf_counter() - start
+    cpu = _times() - cpu0
+    server_cpu = _reap(pid, r)
+    return {"seconds": seconds, "client_cpu": cpu, "server_cpu": server_cpu,
+            "requests": sum(len(p) for p in plans),
+            "bytes": sum(n for p in plans for _, _, n in p), "cipher": sorted(set(ciphers))}
+
+
+def _read_exact(sock, view):
+    """recv_into until view is full; its length."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise BenchError("TLS copy: connection closed early")
+        got += n
+    return got

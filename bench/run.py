@@ -37,6 +37,9 @@ SIZES = {
            "piece": MiB, "small_per_conn": 50},
 }
 DAEMONS = ("nbdproxy", "imageio")
+BUFFERED = "nbdproxy-buffered"   # nbdproxy --no-file-direct: page-cache file rows
+FILE_CPU_TARGET = 0.5    # file rows, unix-socket downloads: daemon CPU/GiB at most 0.5x imageio's
+LIMIT_TARGET = 0.9       # where the limit is under 1.5x imageio: at least 0.9x the limit
 SPEED_TARGET = 1.5       # every scenario: at least 1.5 times imageio
 NBDCOPY_TARGET = 0.8     # dense download over the unix socket: at least 0.8 times nbdcopy
 CPU_TARGET = 0.6         # server CPU per GiB: at most 0.6 times imageio's
@@ -56,8 +59,10 @@ class Scenario:
     """
 
     def __init__(self, name, unit, run, limit=None, higher=True, targets=(), daemons=DAEMONS,
-                 repeat=1):
+                 repeat=1, tls=None, new=False):
         self.name, self.unit, self.run = name, unit, run
+        self.tls = tls              # TLS rows: tls(ctx) -> (source buffer, plans of tls_copy)
+        self.new = new              # issue 13's rows: its rule is a target here, not a report
         self.repeat = repeat        # samples per run: short scenarios take more, noise is large
         self.limit = limit          # description of the limit column, or None
         self.higher = higher        # True: bigger is better (MiB/s, req/s); False: seconds
@@ -65,7 +70,13 @@ class Scenario:
         self.daemons = daemons
 
     def systems(self):
-        return list(self.daemons) + (["limit"] if self.limit else [])
+        return (list(self.daemons) + (["limit"] if self.limit else [])
+                + (["tls-limit"] if self.tls else []))
+
+    def sample(self, ctx, system):
+        if system == "tls-limit":
+            return tls_limit(ctx, self)
+        return self.run(ctx, system)
 
 
 class Context:
@@ -117,6 +128,20 @@ class Context:
     def start_daemons(self):
         for cls in (systems.NbdProxy, systems.Imageio):
             self.daemons[cls.name] = cls(os.path.join(self.work, cls.name), self.cert, self.key)
+        # The page-cache file rows: a second nbdproxy, its only difference the flag.
+        self.daemons[BUFFERED] = systems.NbdProxy(os.path.join(self.work, BUFFERED), self.cert,
+                                                  self.key, extra_args=["--no-file-direct"])
+        self.daemons[BUFFERED].name = BUFFERED
+        # The TLS limit must use the cipher the daemons negotiate with this client.
+        self.ciphers = {}
+        for name, d in self.daemons.items():
+            conn = d.endpoint("tls").connect()
+            self.ciphers[name] = conn.sock.cipher()[0]
+            conn.close()
+
+    def daemon(self, system, buffered=False):
+        """The daemon of a system; "nbdproxy" on a buffered file row is the --no-file-direct one."""
+        return self.daemons[BUFFERED if buffered and system == "nbdproxy" else system]
 
     def stop_daemons(self):
         for d in self.daemons.values():
@@ -158,6 +183,40 @@ def measure(ctx, daemon, kind, image, size, fn, sparse=False, discard=False, bef
         extra = None
     return {"seconds": seconds, "bytes": moved, "server_cpu": cpu1 - cpu0, "nbd_cpu": nbd_cpu,
             "client_cpu": (c1.user + c1.system) - (c0.user + c0.system), "extra": extra}
+
+
+def measure_file(ctx, daemon, path, size, fn, ops, before=None, after=None):
+    """A file: ticket on path (ovirt-imageio's form, file:///path) and fn(url) timed with the CPU
+    it cost; before() and after() run outside of the timing."""
+    if before:
+        before()
+    tid = ctx.ticket_id()
+    url = daemon.add_ticket(tid, "file://" + path, size, ops=ops)
+    try:
+        cpu0, c0 = daemon.cpu(), os.times()
+        start = time.perf_counter()
+        moved = fn(url)
+        seconds = time.perf_counter() - start
+        cpu1, c1 = daemon.cpu(), os.times()
+    finally:
+        daemon.delete_ticket(tid)
+    if after:
+        after()
+    return {"seconds": seconds, "bytes": moved, "server_cpu": cpu1 - cpu0,
+            "client_cpu": (c1.user + c1.system) - (c0.user + c0.system)}
+
+
+def tls_limit(ctx, scenario):
+    """The row's bytes (and requests) as a plain Python TLS socket copy: clients.tls_copy."""
+    src, plans = scenario.tls(ctx)
+    s = clients.tls_copy(ctx.cert, ctx.key, ctx.cert, plans, src)
+    if scenario.unit == "MiB/s":
+        s["value"] = s["bytes"] / MiB / s["seconds"]
+    elif scenario.unit == "req/s":
+        s["value"] = s["requests"] / s["seconds"]
+    else:
+        s["value"] = s["seconds"]
+    return s
 
 
 def rate(sample):
@@ -230,7 +289,82 @@ def _dense(ctx, op, kind, transport, conns, size):
     targets = []
     if op == "download" and transport == "unix" and kind == "qemu-nbd":
         targets.append(("limit", NBDCOPY_TARGET))
-    return Scenario(name, "MiB/s", run, limit=f"nbdcopy -C {conns}", targets=targets)
+    return Scenario(name, "MiB/s", run, limit=f"nbdcopy -C {conns}", targets=targets,
+                    tls=dense_tls(op, size, conns) if transport == "tls" else None)
+
+
+def dense_tls(op, size, conns):
+    """The TLS copy of a dense row: a contiguous part per connection, uploads in PUT pieces."""
+    def plans(ctx):
+        direction, piece = ("D", None) if op == "download" else ("U", clients.PIECE)
+        return ctx.dense, clients.tls_plans_stream(clients.split(0, size, conns), direction,
+                                                   piece)
+    return plans
+
+
+def file_scenarios(ctx):
+    """Issue 13: file: tickets against ovirt-imageio's file backend (O_DIRECT, its only mode) on
+    the same file, O_DIRECT (nbdproxy's default) and --no-file-direct (a second daemon)."""
+    size = ctx.sizes["dense"]
+    out = []
+    for op in ("download", "upload"):
+        for mode in ("direct", "buffered"):
+            for transport in ("unix", "tls"):
+                for conns in (1, 4):
+                    out.append(_file(op, mode, transport, conns, size))
+    return out
+
+
+FILE_LIMITS = {
+    ("download", "direct"): f"O_DIRECT preadv, {clients.FILE_IN_FLIGHT} in flight",
+    ("download", "buffered"): "sendfile page cache -> AF_UNIX",
+    ("upload", "direct"): f"O_DIRECT pwritev, {clients.FILE_IN_FLIGHT} in flight + fdatasync",
+    ("upload", "buffered"): "AF_UNIX -> pwrite page cache + fdatasync",
+}
+
+
+def _file(op, mode, transport, conns, size):
+    name = f"file-{op}/{transport}/{conns}conn/{mode}"
+    samples = upload_samples(size)
+    buffered = mode == "buffered"
+
+    def run(ctx, system):
+        if op == "download":
+            path = ctx.dense_path
+            # Buffered rows serve from the page cache: make sure the file is there.
+            before = (lambda: clients.warm(path, size)) if buffered else None  # noqa: E731
+            after = None
+        else:
+            path = ctx.dst_path
+            before = lambda: scribble(path, samples)  # noqa: E731
+            after = lambda: clients.verify_file(path, ctx.dense, samples)  # noqa: E731
+        if system == "limit":
+            if before:
+                before()
+            if op == "download" and not buffered:
+                seconds, cpu = clients.direct_read(path, size)
+            elif op == "download":
+                seconds, cpu, _ = clients.sendfile_copy(path, size, conns)
+            elif not buffered:
+                seconds, cpu = clients.direct_write(path, ctx.dense, size)
+            else:
+                seconds, cpu, _ = clients.socket_to_file(path, ctx.dense, size, conns)
+            if after:
+                after()
+            return rate({"seconds": seconds, "bytes": size, "client_cpu": cpu})
+        daemon = ctx.daemon(system, buffered)
+        ep = daemon.endpoint(transport)
+        if op == "download":
+            fn = lambda url: clients.download(ep, url, size, conns, ctx.dense)  # noqa: E731
+            ops = ("read",)
+        else:
+            fn = lambda url: clients.upload(ep, url, size, conns, ctx.dense)  # noqa: E731
+            ops = ("read", "write")
+        return rate(measure_file(ctx, daemon, path, size, fn, ops, before, after))
+
+    targets = [("cpu", FILE_CPU_TARGET)] if op == "download" and transport == "unix" else []
+    return Scenario(name, "MiB/s", run, limit=FILE_LIMITS[op, mode], targets=targets,
+                    tls=dense_tls(op, size, conns) if transport == "tls" else None, new=True)
 
 
 def socket_copy_scenario(ctx):
@@ -267,7 +401,8 @@ def sparse_scenarios(ctx):
             s["value"] = s["seconds"]
             return s
         out.append(Scenario(f"sparse-extents/{transport}", "s", extents, limit="nbdinfo --map",
-                            higher=False, targets=[("max", EXTENTS_TARGET)], repeat=3))
+                            higher=False, targets=[("max", EXTENTS_TARGET)], repeat=3,
+                            tls=sparse_tls("extents") if transport == "tls" else None))
 
         def download(ctx, system, transport=transport):
             if system == "limit":
@@ -281,7 +416,8 @@ def sparse_scenarios(ctx):
             return s
         out.append(Scenario(f"sparse-download/{transport}/4conn", "s", download,
                             limit="nbdcopy -C 4", higher=False,
-                            targets=[("max", SPARSE_DL_TARGET)], repeat=3))
+                            targets=[("max", SPARSE_DL_TARGET)], repeat=3,
+                            tls=sparse_tls("download") if transport == "tls" else None))
 
         def upload(ctx, system, transport=transport):
             before = lambda: systems.fresh_sparse_target(ctx.sparse_dst_path, size)  # noqa: E731
@@ -305,8 +441,35 @@ def sparse_scenarios(ctx):
             s["value"] = s["seconds"]
             return s
         out.append(Scenario(f"sparse-upload/{transport}/4conn", "s", upload,
-                            limit="libnbd, same requests", higher=False, repeat=3))
+                            limit="libnbd, same requests", higher=False, repeat=3,
+                            tls=sparse_tls("upload") if transport == "tls" else None))
     return out
+
+
+def sparse_tls(what):
+    """The TLS copy of a sparse row: the extents JSON (its size as imageio formats it), then the
+    data extents in 8 MiB GETs, or the data PUTs and the zero PATCHes (as empty requests), dealt
+    round-robin to 4 connections."""
+    def plans(ctx):
+        size, piece, layout = ctx.sizes["sparse"], ctx.sizes["piece"], ctx.layout
+        plan = clients.sparse_plan(size, layout, piece)
+        extents = json.dumps([{"start": off, "length": n, "zero": kind == "zero",
+                               "hole": kind == "zero"} for kind, off, n in plan]).encode()
+        head = [("D", 0, len(extents))]
+        if what == "extents":
+            return ctx.sparse, [head]
+        items = []
+        for kind, off, n in plan:
+            if kind == "data":
+                parts = clients.split(off, n, -(-n // (8 * MiB)))
+                items += [("D" if what == "download" else "U", o, m) for o, m in parts]
+            elif what == "upload":
+                items.append(("U", off, 0))
+        conns = [items[i::4] for i in range(4)]
+        if what == "download":
+            conns[0] = head + conns[0]
+        return ctx.sparse, conns
+    return plans
 
 
 def small_scenarios(ctx):
@@ -337,8 +500,19 @@ def small_scenarios(ctx):
                 s["value"] = s["requests"] / s["seconds"]
                 return s
             out.append(Scenario(f"small-{op}/{transport}/4conn", "req/s", run,
-                                limit="libnbd, same requests", repeat=2))
+                                limit="libnbd, same requests", repeat=2,
+                                tls=small_tls(op, size, per_conn, conns)
+                                if transport == "tls" else None))
     return out
+
+
+def small_tls(op, size, per_conn, conns):
+    """The TLS copy of a small-request row: the same requests, a 17-byte header each."""
+    def plans(ctx):
+        direction = "D" if op == "get" else "U"
+        return ctx.dense, [[(direction, off, n) for off, n in
+                            clients.small_plan(size, per_conn, i, conns)] for i in range(conns)]
+    return plans
 
 
 def checksum_scenarios(ctx):
@@ -405,11 +579,16 @@ def busy_scenario(ctx):
             clients.verify_export(dst.sock, ctx.dense, samples)
         return {"seconds": seconds, "bytes": 2 * size, "server_cpu": cpu, "nbd_cpu": nbd_cpu,
                 "peak_rss": rss, "value": 2 * size / MiB / seconds}
-    return Scenario("busy8/tls/4get+4put", "MiB/s", run)
+    def tls(ctx):
+        parts = clients.split(0, size, 4)
+        return ctx.dense, (clients.tls_plans_stream(parts, "D")
+                           + clients.tls_plans_stream(parts, "U", clients.PIECE))
+    return Scenario("busy8/tls/4get+4put", "MiB/s", run, tls=tls)
 
 
 def all_scenarios(ctx):
-    return (dense_scenarios(ctx) + [socket_copy_scenario(ctx)] + sparse_scenarios(ctx)
+    return (dense_scenarios(ctx) + file_scenarios(ctx) + [socket_copy_scenario(ctx)]
+            + sparse_scenarios(ctx)
             + small_scenarios(ctx) + checksum_scenarios(ctx) + [busy_scenario(ctx)])
 
 
@@ -421,7 +600,7 @@ def median(values):
 
 def summarize(scenario, samples):
     row = {"scenario": scenario.name, "unit": scenario.unit, "higher_is_better": scenario.higher,
-           "limit": scenario.limit, "median": {}, "samples": samples}
+           "limit": scenario.limit, "new": scenario.new, "median": {}, "samples": samples}
     for system, ss in samples.items():
         vals = [s["value"] for s in ss]
         row["median"][system] = median(vals)
@@ -449,12 +628,23 @@ def summarize(scenario, samples):
     m = row["median"]
     row["ratio_imageio"] = speedup(m.get("nbdproxy"), m.get("imageio"))
     row["ratio_limit"] = speedup(m.get("nbdproxy"), m.get("limit"))
+    row["ratio_tls_limit"] = speedup(m.get("nbdproxy"), m.get("tls-limit"))
     cpu = row.get("cpu_per_gib", {})
     row["cpu_ratio_imageio"] = (cpu["nbdproxy"] / cpu["imageio"]
                                 if cpu.get("nbdproxy") and cpu.get("imageio") else None)
     # How much faster than imageio the limit itself is: below the target, the target is out of
     # reach of any daemon that is not faster than the limit.
     row["ratio_limit_imageio"] = speedup(m.get("limit"), m.get("imageio"))
+    # The lower of the row's limits (storage or NBD, and TLS) bounds any daemon.
+    limits = [v for v in (m.get("limit"), m.get("tls-limit")) if v]
+    bound = (min(limits) if scenario.higher else max(limits)) if limits else None
+    row["bound"] = bound
+    row["ratio_bound_imageio"] = speedup(bound, m.get("imageio"))
+    row["rule"] = rule(row["ratio_imageio"], speedup(m.get("nbdproxy"), bound),
+                       row["ratio_bound_imageio"])
+    if scenario.new:
+        row["misses"] = new_row_misses(scenario, row)
+        return row
     misses = []
     if row["ratio_imageio"] is not None and row["ratio_imageio"] < SPEED_TARGET:
         ceiling = row["ratio_limit_imageio"]
@@ -473,6 +663,34 @@ def summarize(scenario, samples):
     return row
 
 
+def rule(np_io, np_bound, bound_io):
+    """Issue 13's rule: at least 1.5x imageio, or at least 0.9x the row's limit where that limit
+    (the lower of its limits) is itself under 1.5x imageio. "met", "MISS" or None."""
+    if np_io is None:
+        return None
+    if np_io >= SPEED_TARGET:
+        return "met"
+    if bound_io is not None and bound_io < SPEED_TARGET and np_bound is not None:
+        return "met" if np_bound >= LIMIT_TARGET else "MISS"
+    return "MISS"
+
+
+def new_row_misses(scenario, row):
+    """The targets of issue 13's rows: the rule, and daemon CPU on unix-socket downloads."""
+    misses = []
+    if row["rule"] == "MISS":
+        if row["ratio_bound_imageio"] is not None and row["ratio_bound_imageio"] < SPEED_TARGET:
+            tls = row["bound"] == row["median"].get("tls-limit")
+            misses.append(f"<{LIMIT_TARGET}x {'TLS ' if tls else ''}limit")
+        else:
+            misses.append(f"<{SPEED_TARGET}x imageio")
+    for kind, target in scenario.targets:
+        if kind == "cpu" and row["cpu_ratio_imageio"] is not None \
+                and row["cpu_ratio_imageio"] > target:
+            misses.append(f"cpu>{target}x imageio")
+    return misses
+
+
 def fmt(value, unit=None):
     if value is None:
         return "-"
@@ -482,8 +700,9 @@ def fmt(value, unit=None):
 
 
 def table(rows):
-    head = ["scenario", "unit", "nbdproxy", "imageio", "limit", "np/io", "np/lim", "lim/io",
-            "cpu s/GiB np", "io", "cpu np/io", "rss MiB np/io", "misses"]
+    head = ["scenario", "unit", "nbdproxy", "imageio", "limit", "tls lim", "np/io", "np/lim",
+            "np/tls", "lim/io", "cpu s/GiB np", "io", "cpu np/io", "rss MiB np/io", "rule",
+            "misses"]
     lines = [head]
     for r in rows:
         m = r["median"]
@@ -492,14 +711,17 @@ def table(rows):
         lines.append([
             r["scenario"], r["unit"], fmt(m.get("nbdproxy"), r["unit"]),
             fmt(m.get("imageio"), r["unit"]), fmt(m.get("limit"), r["unit"]),
+            fmt(m.get("tls-limit"), r["unit"]),
             f"{r['ratio_imageio']:.2f}x" if r["ratio_imageio"] else "-",
             f"{r['ratio_limit']:.2f}x" if r["ratio_limit"] else "-",
+            f"{r['ratio_tls_limit']:.2f}x" if r.get("ratio_tls_limit") else "-",
             f"{r['ratio_limit_imageio']:.2f}x" if r.get("ratio_limit_imageio") else "-",
             f"{cpu['nbdproxy']:.2f}" if cpu.get("nbdproxy") is not None else "-",
             f"{cpu['imageio']:.2f}" if cpu.get("imageio") is not None else "-",
             f"{r['cpu_ratio_imageio']:.2f}" if r["cpu_ratio_imageio"] else "-",
             (f"{rss['nbdproxy']:.0f}/{rss['imageio']:.0f}" if rss.get("nbdproxy")
              and rss.get("imageio") else "-"),
+            (r.get("rule") or "-") + ("*" if r.get("new") else ""),
             " ".join(r["misses"]) or "ok" if (r["ratio_imageio"] or r["misses"]) else "",
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -586,6 +808,7 @@ def main(argv=None):
             print(s.name)
         return 0
     started = datetime.datetime.now()
+    load_before = os.getloadavg()   # the machine may be shared: say how busy it was
     ctx.setup()
     scenarios = [s for s in all_scenarios(ctx) if selected(s.name, args.only)]
     if not scenarios:
@@ -605,7 +828,7 @@ def main(argv=None):
                 k = (run + scenarios.index(scenario)) % len(order)
                 for system in order[k:] + order[:k]:
                     for _ in range(scenario.repeat):
-                        s = scenario.run(ctx, system)
+                        s = scenario.sample(ctx, system)
                         samples[scenario.name][system].append(s)
                         log(f"[{run + 1}/{args.runs}] {scenario.name:32} {system:9} "
                             f"{fmt(s['value'], scenario.unit):>8} {scenario.unit}")
@@ -634,6 +857,19 @@ def main(argv=None):
     delete_errors = {n: len(d.delete_errors) for n, d in ctx.daemons.items() if d.delete_errors}
     if delete_errors:
         header.append(f"note: DELETE /tickets/ID answered 500 (ticket removed) {delete_errors}")
+    tls_ciphers = sorted({c for ss in samples.values() for s in ss.get("tls-limit", [])
+                          for c in s["cipher"]})
+    if tls_ciphers:
+        header.append(
+            "tls lim: the same bytes (and requests) as a plain Python TLS socket copy, no HTTP, "
+            "no storage (ssl module, server forked, same certificate, client recv_into 4 MiB), "
+            f"handshakes timed; cipher {', '.join(tls_ciphers)} (daemons: "
+            + ", ".join(f"{k} {v}" for k, v in ctx.ciphers.items()) + "); np/tls: nbdproxy "
+            "over it")
+    header.append("rule: issue 13's rule, >= 1.5x imageio or, where the lower of the row's "
+                  "limits is under 1.5x imageio, >= 0.9x that limit; * marks the rows it is a "
+                  "target for (misses of those rows: that rule, and daemon CPU/GiB <= 0.5x "
+                  "imageio's on unix-socket downloads)")
     text = "\n".join(header) + "\n\n" + table(rows)
     print(text)
     result = {
@@ -643,10 +879,12 @@ def main(argv=None):
         "runs": args.runs, "quick": args.quick, "only": args.only,
         "sizes": ctx.sizes, "qemu_nbd_cache": "none" if ctx.direct else "writeback",
         "nbd_servers": ctx.nbd.describe(), "nbd_server_env": systems.NBD_SERVER_ENV,
+        "tls_ciphers": ctx.ciphers, "load_before": load_before, "load_after": os.getloadavg(),
         "imageio_version": systems.IMAGEIO_VERSION, "delete_ticket_errors": delete_errors,
         "targets": {"speed_vs_imageio": SPEED_TARGET, "download_vs_nbdcopy": NBDCOPY_TARGET,
                     "cpu_vs_imageio": CPU_TARGET, "sparse_extents_s": EXTENTS_TARGET,
-                    "sparse_download_s": SPARSE_DL_TARGET},
+                    "sparse_download_s": SPARSE_DL_TARGET, "file_rows_vs_limit": LIMIT_TARGET,
+                    "file_rows_cpu_vs_imageio": FILE_CPU_TARGET},
         "rows": rows, "table": text,
     }
     if not args.no_save:

@@ -21,7 +21,10 @@ TOP = os.path.dirname(BENCH)
 WORK = os.path.join(BENCH, "work")
 IMAGEIO_VENV = os.path.join(BENCH, ".venv-imageio")
 IMAGEIO_VERSION = "2.5.1"
-NBDPROXY_PYTHON = os.path.join(TOP, ".venv", "bin", "python")
+# This tree's venv, else the python running the bench (a git worktree has no .venv of its own);
+# PYTHONPATH=TOP in the daemon's environment makes it run this tree's code either way.
+NBDPROXY_PYTHON = (os.path.join(TOP, ".venv", "bin", "python")
+                   if os.path.exists(os.path.join(TOP, ".venv", "bin", "python")) else sys.executable)
 
 # glibc's mmap threshold for the NBD servers: without it a fresh qemu-nbd 7.2 takes a page fault per
 # 4 KiB of every large request (issue 5). Set for every system compared.
@@ -334,12 +337,16 @@ class Daemon(Process):
             if os.path.exists(path):
                 os.unlink(path)
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.argv(), stdout=self.log, stderr=self.log, cwd=directory)
+        self.proc = subprocess.Popen(self.argv(), stdout=self.log, stderr=self.log, cwd=directory,
+                                     env=self.env())
         try:
             self.port = wait_for(self._ready, self.proc, self.name)
         except Exception:
             self.stop()
             raise
+
+    def env(self):
+        return None
 
     def read_log(self):
         with open(self.log_path) as f:
@@ -376,13 +383,20 @@ class Daemon(Process):
 class NbdProxy(Daemon):
     name = "nbdproxy"
 
+    def __init__(self, directory, cert, key, extra_args=()):
+        self.extra_args = list(extra_args)   # e.g. --no-file-direct for a second daemon
+        super().__init__(directory, cert, key)
+
+    def env(self):
+        return dict(os.environ, PYTHONPATH=TOP)
+
     def argv(self):
         conf_dir = os.path.join(self.dir, "conf")
         os.makedirs(conf_dir, exist_ok=True)
         return [NBDPROXY_PYTHON, "-m", "nbdproxy", "serve", "--conf-dir", conf_dir,
                 "--control-socket", self.control_socket, "--local-socket", self.local_socket,
                 "--host", "127.0.0.1", "--port", "0", "--cert-file", self.cert,
-                "--key-file", self.key, "--log-level", "INFO"]
+                "--key-file", self.key, "--log-level", "INFO", *self.extra_args]
 
     def _ready(self):
         m = re.search(r"nbdproxy ready .*remote=https://\S+:(\d+)", self.read_log())
