@@ -1,8 +1,9 @@
-"""`make run`: serve a built-in demo image with nbdproxy in the foreground.
+"""`make run`: serve built-in demo images with nbdproxy in the foreground.
 
-Makes demo/disk.qcow2 (1 GiB virtual, a few MiB of data), a self-signed certificate, starts
-the daemon, adds an image ticket (the daemon runs the image's qemu-nbd itself, API.md 7d), prints
-commands to try, and runs until Ctrl-C, when the daemon stops (and its qemu-nbd with it).
+Makes demo/disk.qcow2 (1 GiB virtual, a few MiB of data), demo/disk.raw, a self-signed
+certificate, starts the daemon, adds an image ticket `demo` (the daemon runs the image's qemu-nbd
+itself, API.md 7d) and a file: ticket `demo-file` (API.md 7a), prints commands to try, and runs
+until Ctrl-C, when the daemon stops (and its qemu-nbd with it).
 """
 
 import argparse
@@ -16,6 +17,7 @@ import sys
 TOP = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(TOP, "demo")
 TICKET = "demo"
+FILE_TICKET = "demo-file"
 
 
 def run(*argv):
@@ -28,6 +30,21 @@ def make_image(path):
     run("qemu-img", "create", "-f", "qcow2", path, "1G")
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 1M", "-c", "write -P 0x62 512M 2M",
         "-c", "write -P 0x63 1020M 4M", path)
+
+
+def make_raw(path):
+    """A 256 MiB sparse raw file with a little data: served as it is by a file: ticket."""
+    if os.path.exists(path):
+        return
+    with open(path, "wb") as f:
+        f.truncate(256 * 1024**2)
+        f.write(b"file ticket demo\n" * 4096)
+
+
+def add_ticket(control, ticket):
+    subprocess.run(["curl", "-sS", "--fail", "--unix-socket", control, "-X", "PUT",
+                    "--data-binary", json.dumps(ticket),
+                    f"http://localhost/tickets/{ticket['uuid']}"], check=True)
 
 
 def make_cert(cert, key):
@@ -47,7 +64,9 @@ def main():
     cert, key = os.path.join(DEMO, "cert.pem"), os.path.join(DEMO, "key.pem")
     control = os.path.join(DEMO, "control.sock")
     local = os.path.join(DEMO, "local.sock")
+    raw = os.path.join(DEMO, "disk.raw")
     make_image(image)
+    make_raw(raw)
     make_cert(cert, key)
     daemon = subprocess.Popen(
         [sys.executable, "-m", "nbdproxy", "serve", "--conf-dir", DEMO,
@@ -68,14 +87,15 @@ def main():
             sys.exit(f"demo: the daemon did not start (exit status {daemon.wait()})")
         # No size: the image's virtual size. The daemon starts qemu-nbd and answers once it
         # serves.
-        ticket = {"uuid": TICKET, "ops": ["read", "write"], "timeout": 86400,
-                  "image": {"path": image, "format": "qcow2"}, "sparse": True,
-                  "filename": "disk.raw"}
-        subprocess.run(["curl", "-sS", "--fail", "--unix-socket", control, "-X", "PUT",
-                        "--data-binary", json.dumps(ticket), f"http://localhost/tickets/{TICKET}"],
-                       check=True)
-        print(USAGE.format(local=local, control=control, port=port, cert=cert, t=TICKET),
-              flush=True)
+        add_ticket(control, {"uuid": TICKET, "ops": ["read", "write"], "timeout": 86400,
+                             "image": {"path": image, "format": "qcow2"}, "sparse": True,
+                             "filename": "disk.raw"})
+        # A file: ticket: the raw file's own bytes, no NBD server (API.md 7a); no size: the
+        # file's.
+        add_ticket(control, {"uuid": FILE_TICKET, "ops": ["read", "write"], "timeout": 86400,
+                             "url": f"file://{raw}", "sparse": True})
+        print(USAGE.format(local=local, control=control, port=port, cert=cert, t=TICKET,
+                           f=FILE_TICKET), flush=True)
         for line in daemon.stderr:
             sys.stderr.write(line)
         return daemon.wait()
@@ -86,8 +106,9 @@ def main():
 
 
 USAGE = """
-nbdproxy is serving demo/disk.qcow2 (1 GiB virtual, 7 MiB of data) as ticket '{t}'.
-Try, from another terminal in this directory:
+nbdproxy is serving demo/disk.qcow2 (1 GiB virtual, 7 MiB of data) as ticket '{t}' (an image
+ticket: the daemon runs its qemu-nbd), and demo/disk.raw (256 MiB, sparse) as ticket '{f}' (a
+file: ticket: no NBD server). Try, from another terminal in this directory:
 
   # what the image offers (features, limits, the unix socket to use)
   curl -s --unix-socket {local} -X OPTIONS http://localhost/images/{t}
@@ -104,6 +125,11 @@ Try, from another terminal in this directory:
   curl -s --unix-socket {local} -T /tmp/piece -H 'Content-Range: bytes 4194304-5242879/*' \\
        http://localhost/images/{t}
   curl -s --unix-socket {local} -X PATCH -d '{{"op":"flush"}}' http://localhost/images/{t}
+
+  # the file: ticket: its extents are the file's layout, a download reads the file itself
+  curl -s --unix-socket {local} http://localhost/images/{f}/extents
+  curl -s --unix-socket {local} -H 'Range: bytes=0-16' http://localhost/images/{f}
+  .venv/bin/nbdproxy download --cafile {cert} https://localhost:{port}/images/{f} /tmp/copy.raw
 
   # the ticket, as the management layer sees it (its image, and the private url of its qemu-nbd)
   curl -s --unix-socket {control} http://localhost/tickets/{t}
