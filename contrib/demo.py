@@ -58,20 +58,22 @@ def make_cert(cert, key):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=54322)
+    parser.add_argument("--dir", default=DEMO, help="where the demo's files go (default demo/)")
     args = parser.parse_args()
-    os.makedirs(DEMO, exist_ok=True)
-    image = os.path.join(DEMO, "disk.qcow2")
-    cert, key = os.path.join(DEMO, "cert.pem"), os.path.join(DEMO, "key.pem")
-    control = os.path.join(DEMO, "control.sock")
-    local = os.path.join(DEMO, "local.sock")
-    raw = os.path.join(DEMO, "disk.raw")
+    demo = os.path.abspath(args.dir)
+    os.makedirs(demo, exist_ok=True)
+    image = os.path.join(demo, "disk.qcow2")
+    cert, key = os.path.join(demo, "cert.pem"), os.path.join(demo, "key.pem")
+    control = os.path.join(demo, "control.sock")
+    local = os.path.join(demo, "local.sock")
+    raw = os.path.join(demo, "disk.raw")
     make_image(image)
     make_raw(raw)
     make_cert(cert, key)
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "nbdproxy", "serve", "--conf-dir", DEMO,
+        [sys.executable, "-m", "nbdproxy", "serve", "--conf-dir", demo,
          "--control-socket", control, "--local-socket", local, "--port", str(args.port),
-         "--cert-file", cert, "--key-file", key, "--run-dir", os.path.join(DEMO, "run")],
+         "--cert-file", cert, "--key-file", key, "--run-dir", os.path.join(demo, "run")],
         stderr=subprocess.PIPE, text=True, cwd=TOP)
     signal.signal(signal.SIGINT, lambda *_: daemon.terminate())
     signal.signal(signal.SIGTERM, lambda *_: daemon.terminate())
