@@ -7,6 +7,7 @@ BACKENDS: a function (tmp_path, path of a raw file holding the bytes) -> (Backen
 
 import mmap
 import os
+import subprocess
 import threading
 
 import pytest
@@ -313,3 +314,27 @@ def test_lend_release_close(subject):
     with pytest.raises(errors.Canceled):
         b.acquire()
     b.release(busy)                     # a busy channel is closed as it is released
+
+
+def test_fast_zero_is_what_the_storage_does(tmp_path):
+    """caps.fast_zero: a file on ext4 zeroes in the kernel; one on ramfs by writing zeros."""
+    from nbdproxy.backends import file as file_backend
+    path = tmp_path / "img"
+    path.write_bytes(b"x" * 8192)
+    b = file_backend.open_file(str(path), writable=True)
+    try:
+        assert b.caps().fast_zero is True
+        assert os.path.getsize(path) == 8192
+    finally:
+        b.close()
+    ramfs = tmp_path / "ramfs"
+    ramfs.mkdir()
+    if subprocess.run(["mount", "-t", "ramfs", "ramfs", str(ramfs)]).returncode:
+        pytest.skip("cannot mount a ramfs")
+    try:
+        (ramfs / "img").write_bytes(b"x" * 8192)
+        b = file_backend.open_file(str(ramfs / "img"), writable=True)
+        assert b.caps().fast_zero is False
+        b.close()
+    finally:
+        subprocess.run(["umount", "-l", str(ramfs)], check=True)

@@ -20,6 +20,8 @@ class Caps:
     multi_conn: bool    # a flush on one channel covers all
     max_connections: int   # OPTIONS max_readers/max_writers
     zero_copy: bool     # channel has send_to/recv_from
+    fast_zero: bool = False     # zeroing costs no writing of buffers (NBD_CMD_FLAG_FAST_ZERO,
+                                # fallocate, BLKZEROOUT): a caller may prefer it to skipping
     checksum: bool = False      # channel has checksum(algorithm, block_size) (a proxy's upstream)
     features: frozenset = None  # OPTIONS features it has (None: all)
 

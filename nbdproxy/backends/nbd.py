@@ -80,6 +80,7 @@ class Handle(Pipeline, BlockStatus):
             self.can_zero = h.can_zero()
             self.can_flush = h.can_flush()
             self.multi_conn = h.can_multi_conn()
+            self.can_fast_zero = h.can_fast_zero()
             self.readonly = h.is_read_only()
             self.contexts = {c for c in (ALLOCATION, DEPTH, self.dirty_context)
                              if c and h.can_meta_context(c)}
@@ -133,7 +134,7 @@ class Handle(Pipeline, BlockStatus):
         contexts = {"zero"} | ({"dirty"} if self.dirty_context in self.contexts else set())
         return Caps(zero=self.can_zero, flush=self.can_flush, extents=frozenset(contexts),
                     multi_conn=self.multi_conn, max_connections=max_connections,
-                    zero_copy=False)
+                    zero_copy=False, fast_zero=self.can_fast_zero)
 
     def take_unflushed(self):
         """The unflushed count, now forgotten (its bytes are lost or reported)."""
