@@ -15,12 +15,12 @@ import stat
 import threading
 import time
 
-from . import __version__, checksum, http, metrics, tickets
+from . import __version__, backends, checksum, cors, errors, http, metrics, tickets
 from .app import App
-from . import backends
+from .backends import image as image_backend
 from .backends.pool import IdleCloser
-from .backends.upstream import tls_context as backend_tls_context
 from .backends.qemu_nbd import Supervisor
+from .backends.upstream import tls_context as backend_tls_context
 from .errors import ConfigError
 
 log = logging.getLogger("nbdproxy.server")
@@ -431,11 +431,14 @@ class Service:
                 if not chunk:
                     break
                 head += chunk
+            # A page on another origin reads the 503 only with its CORS headers (API.md 7c).
+            extra = "".join(f"{k}: {v}\r\n" for k, v in cors.for_raw_head(head).items())
             sock.sendall(b"HTTP/1.1 503 Service Unavailable\r\nServer: nbdproxy/%s\r\n"
-                         b"Date: %s\r\nContent-Type: text/plain; charset=UTF-8\r\n"
+                         b"Date: %s\r\nContent-Type: text/plain; charset=UTF-8\r\n%s"
                          b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
                          % (__version__.encode(), http.http_date(int(time.time())).encode(),
-                            len(body), b"" if head.startswith(b"HEAD ") else body))
+                            extra.encode("latin-1"), len(body),
+                            b"" if head.startswith(b"HEAD ") else body))
             http._linger(sock)
         except (OSError, ValueError):
             pass
@@ -481,6 +484,11 @@ class Server:
         """Bind every configured service; ConfigError (after closing what was bound) on failure."""
         cfg = self.config
         raise_fd_limit()
+        try:
+            # An unsafe run_dir is a bad setting, not a 500 at the first image ticket.
+            image_backend.run_dir(cfg.run_dir)
+        except errors.BackendError as e:
+            raise ConfigError(f"run_dir: {e}") from None
         try:
             # The certificate first: a bad one fails before any socket is made.
             tls = None

@@ -14,7 +14,9 @@ from .pool import Lending
 log = logging.getLogger("nbdproxy.image")
 
 # Formats an image ticket may name: disk image formats only. Other qemu drivers read what is not
-# an image file (vvfat serves a directory, others take options or secrets).
+# an image file (vvfat serves a directory, others take options or secrets). Without a format,
+# only the first two are opened on a probe (a guest writes what header it likes into a raw disk).
+PROBED_FORMATS = ("raw", "qcow2")
 FORMATS = ("raw", "qcow2", "qed", "qcow", "vmdk", "vdi", "vhdx", "vpc", "parallels", "bochs",
            "cloop", "dmg")
 
@@ -35,7 +37,7 @@ def open_image(image, writable, size, sparse, settings):
         fmt = _check(path, fmt)
     except errors.BadRequest as e:
         raise errors.BadRequest(f"Invalid ticket: {e}") from None
-    sock = os.path.join(_run_dir(settings.run_dir), f"{uuid.uuid4().hex[:16]}.sock")
+    sock = os.path.join(run_dir(settings.run_dir), f"{uuid.uuid4().hex[:16]}.sock")
     backend = ImageBackend(path, sock, bool(bitmap), settings)
     try:
         backend.server = qemu_nbd.Server(
@@ -71,22 +73,35 @@ def _check(path, fmt):
         return fmt
     # Probed: -U, since qemu-nbd's own open decides about locks (409), not this look.
     info = qemu_nbd.image_info(path, force_share=True)
+    probed = info.get("format")
+    # A guest can write any image header into a raw disk: one naming a host file (a qcow2
+    # backing or external data file, a vmdk extent, ...) would serve that file. Only raw and
+    # a self-contained qcow2 are opened on a probe; any other format must be given.
     if info.get("backing-filename"):
-        # A guest can write a qcow2 header naming any host file into a raw disk: only a format
-        # given by the management layer opens backing files.
         raise errors.BadRequest(f"{path} names a backing file ({info['backing-filename']}) and "
                                 "no format was given: give 'format' to open backing chains")
-    if info.get("format") not in FORMATS:
-        raise errors.BadRequest(f"{path}: unsupported format {info.get('format')!r}")
-    return info["format"]
+    data_file = info.get("format-specific", {}).get("data", {}).get("data-file")
+    if data_file:
+        raise errors.BadRequest(f"{path} names an external data file ({data_file}) and no "
+                                "format was given: give 'format' to open it")
+    if probed not in PROBED_FORMATS:
+        raise errors.BadRequest(f"{path} looks like {probed!r}: only "
+                                f"{' and '.join(PROBED_FORMATS)} are probed, give 'format'")
+    return probed
 
 
-def _run_dir(path):
-    """run_dir, created 0700 if missing (its parent, the control socket's, keeps its mode)."""
+def run_dir(path):
+    """run_dir, created 0700 if missing (its parent, the control socket's, keeps its mode). One
+    that others may write is refused: they could put their own server on a ticket's socket."""
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.stat(path)
     except OSError as e:
         raise errors.BackendError(f"cannot create run_dir {path}: {e.strerror}") from None
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise errors.BackendError(f"run_dir {path} may be written by others (mode "
+                                  f"{stat.S_IMODE(st.st_mode):o}, owner {st.st_uid}): "
+                                  "it must be the daemon's own, 0700")
     return path
 
 

@@ -10,9 +10,10 @@ from . import Extent
 MAX_ITEM_TEXT = 64 * 1024
 
 
-def array_items(read):
+def array_items(read, check=None):
     """The items of a JSON array read(n) gives in pieces, decoded one at a time as they arrive;
-    ValueError when it is not one. Memory: one item's text at most MAX_ITEM_TEXT."""
+    ValueError when it is not one. Memory: one item's text at most MAX_ITEM_TEXT. check() runs
+    for every piece read: an answer that never ends (whitespace for ever) can be stopped."""
     decoder = json.JSONDecoder()
     text_of = codecs.getincrementaldecoder("utf-8")("replace").decode
     text, i, eof, started = "", 0, False, False
@@ -37,6 +38,8 @@ def array_items(read):
                     raise ValueError("not a JSON array of the items expected") from None
         elif eof:
             raise ValueError("the answer ended early")
+        if check is not None:
+            check()
         data = read(256 * 1024)
         eof = not data
         text = text[i:] + text_of(data, final=eof)

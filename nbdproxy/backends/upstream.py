@@ -63,6 +63,7 @@ class Upstream:
                                                     timeout=timeout, context=context)
         else:
             self.conn = http.client.HTTPConnection(backend.host, backend.port, timeout=timeout)
+        self.conn.response_class = _FinalResponse
         self._reusable = True
         try:
             self.conn.connect()
@@ -346,7 +347,7 @@ class Upstream:
         check = check or (lambda: None)
         end = offset + length
         pos = offset
-        upstream = self.upstream_extents(context, offset, length)
+        upstream = self.upstream_extents(context, offset, length, check)
         try:
             for e in upstream:
                 check()
@@ -364,7 +365,7 @@ class Upstream:
         if pos < end:
             raise self._gateway(f"extents: the map ends at {pos}, before {end}")
 
-    def upstream_extents(self, context, offset, length):
+    def upstream_extents(self, context, offset, length, check=None):
         """Every extent the upstream answers (from 0 when it ignores the window), checked to be
         contiguous; the connection is not reused when the caller stops early."""
         url = f"{self.b.path}/extents?context={context}"
@@ -376,7 +377,7 @@ class Upstream:
         try:
             prev_end = None
             read = resp.read1 if hasattr(resp, "read1") else resp.read
-            for item in json_items.array_items(read):
+            for item in json_items.array_items(read, check):
                 e = json_items.extent(item, context)
                 if e is None:
                     raise self._gateway(f"extents: not the JSON expected: {str(item)[:80]}")
@@ -394,3 +395,15 @@ class Upstream:
         finally:
             if not done or not resp.isclosed() or resp.will_close:
                 self._fail()
+
+
+class _FinalResponse(http.client.HTTPResponse):
+    """A response that skips interim 1xx answers (103 Early Hints...), as RFC 9110 15.2 wants;
+    http.client skips only 100 Continue."""
+
+    def _read_status(self):
+        while True:
+            version, status, reason = super()._read_status()
+            if not 100 < status < 200 or status == 101:
+                return version, status, reason
+            http.client.parse_headers(self.fp)      # the interim answer's header lines
