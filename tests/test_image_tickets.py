@@ -376,6 +376,27 @@ def test_no_greeting_in_time(tmp_path, raw):
         d.stop()
 
 
+def test_probe_that_hangs(tmp_path, raw):
+    """qemu-img info on storage that stopped answering (a fake one that sleeps): the PUT gets
+    503 after nbd_connect_timeout instead of hanging the control API."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "qemu-img").write_text(
+        f"#!/bin/sh\nexec {sys.executable} -c 'import time; time.sleep(600)' \"$@\"\n")
+    (fake / "qemu-img").chmod(0o755)
+    d = start_daemon(tmp_path, "--nbd-connect-timeout", "1",
+                     env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    try:
+        started = time.monotonic()
+        status, body = put(d, "hang", {"path": raw})        # no format: probed
+        assert status == 503 and "did not finish in 1 s" in body, body
+        assert time.monotonic() - started < 5
+        assert info(d, "hang") == 404
+        assert_nothing_left(d)
+    finally:
+        d.stop()
+
+
 # 3. Lifetime.
 
 def test_replace_stops_the_old_one_first(daemon, qcow2):

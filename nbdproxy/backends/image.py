@@ -34,7 +34,7 @@ def open_image(image, writable, size, sparse, settings):
     """
     path, fmt, bitmap = image["path"], image.get("format"), image.get("bitmap")
     try:
-        fmt = _check(path, fmt)
+        fmt = _check(path, fmt, settings.nbd_connect_timeout or None)
     except errors.BadRequest as e:
         raise errors.BadRequest(f"Invalid ticket: {e}") from None
     sock = os.path.join(run_dir(settings.run_dir), f"{uuid.uuid4().hex[:16]}.sock")
@@ -58,8 +58,9 @@ def open_image(image, writable, size, sparse, settings):
     return backend
 
 
-def _check(path, fmt):
-    """The format to open path with; BadRequest when the ticket cannot be served."""
+def _check(path, fmt, timeout):
+    """The format to open path with; BadRequest when the ticket cannot be served. A probe that
+    does not finish in timeout (storage that stopped answering) is ServiceUnavailable."""
     try:
         st = os.stat(path)
     except OSError as e:
@@ -72,7 +73,7 @@ def _check(path, fmt):
                                     f"{', '.join(FORMATS)}")
         return fmt
     # Probed: -U, since qemu-nbd's own open decides about locks (409), not this look.
-    info = qemu_nbd.image_info(path, force_share=True)
+    info = qemu_nbd.image_info(path, force_share=True, timeout=timeout)
     probed = info.get("format")
     # A guest can write any image header into a raw disk: one naming a host file (a qcow2
     # backing or external data file, a vmdk extent, ...) would serve that file. Only raw and

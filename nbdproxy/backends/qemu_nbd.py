@@ -66,25 +66,29 @@ def one_line(text):
     return " ".join(lines)
 
 
-def run(argv):
-    """Run a qemu tool; its output, or errors.BadRequest with qemu's message."""
+def run(argv, timeout=None):
+    """Run a qemu tool; its output, or errors.BadRequest with qemu's message; one that has not
+    finished in timeout seconds (storage that stopped answering) is killed: ServiceUnavailable."""
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+        p = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                           timeout=timeout)
     except FileNotFoundError:
         raise errors.BackendError(f"{argv[0]} is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise errors.ServiceUnavailable(f"{argv[0]} did not finish in {timeout} s") from None
     if p.returncode != 0:
         raise errors.BadRequest(one_line(p.stderr)
                                 or f"{argv[0]} failed with exit status {p.returncode}")
     return p.stdout
 
 
-def image_info(path, force_share=False):
+def image_info(path, force_share=False, timeout=None):
     """qemu-img info of path: format, virtual-size, backing file...; force_share reads an image
     another process holds (only to learn what it is)."""
     if not os.path.exists(path):
         raise errors.BadRequest(f"{path}: no such file")
     share = ["-U"] if force_share else []
-    return json.loads(run(["qemu-img", "info", *share, "--output=json", path]))
+    return json.loads(run(["qemu-img", "info", *share, "--output=json", path], timeout))
 
 
 def direct_io(path):
