@@ -337,9 +337,12 @@ class Supervisor:
         return job["proc"]
 
     def running(self):
-        """How many of its processes have not exited."""
+        """How many of its processes have not exited (one stop() waited for may not be reaped
+        by this thread yet: it does not count)."""
         with self._lock:
-            return len(self._procs) + len(self._jobs)
+            procs = [proc for proc, _ in self._procs.values()]
+            starting = len(self._jobs)
+        return sum(1 for proc in procs if proc.poll() is None) + starting
 
     def processes(self):
         with self._lock:
