@@ -219,6 +219,18 @@ def request(conn, method, url, body=None, headers=None, close=True):
             conn.close()
 
 
+def put_at(daemon, ticket_id, offset, data, flush=False):
+    """PUT data at offset of a ticket on the local socket; its status."""
+    headers = {"Content-Range": f"bytes {offset}-{offset + len(data) - 1}/*"}
+    return request(daemon.local(), "PUT", f"/images/{ticket_id}?flush={'y' if flush else 'n'}",
+                   data, headers)[0]
+
+
+def patch_json(daemon, ticket_id, msg):
+    """PATCH a JSON message to a ticket on the local socket; (status, body)."""
+    return request(daemon.local(), "PATCH", f"/images/{ticket_id}", json.dumps(msg).encode())
+
+
 def response(conn, method, url, body=None, headers=None):
     """One request on a kept connection; the http.client response with its body read as .data."""
     conn.request(method, url, body=body, headers=headers or {})

@@ -7,25 +7,14 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from support import Daemon, qemu_nbd, read_export, request, restart
+from support import Daemon, patch_json as patch, put_at as put, qemu_nbd, request, restart
 
 MiB = 1024**2
-
-
-def put(daemon, ticket_id, offset, data, flush=False):
-    headers = {"Content-Range": f"bytes {offset}-{offset + len(data) - 1}/*"}
-    return request(daemon.local(), "PUT", f"/images/{ticket_id}?flush={'y' if flush else 'n'}",
-                   data, headers)[0]
-
-
-def patch(daemon, ticket_id, msg):
-    return request(daemon.local(), "PATCH", f"/images/{ticket_id}", json.dumps(msg).encode())
 
 
 @pytest.fixture
