@@ -45,6 +45,9 @@ NBDCOPY_TARGET = 0.8     # dense download over the unix socket: at least 0.8 tim
 CPU_TARGET = 0.6         # server CPU per GiB: at most 0.6 times imageio's
 EXTENTS_TARGET = 0.5     # seconds for the extents of the 1 TiB sparse image
 SPARSE_DL_TARGET = 1.0   # seconds for its extent-driven data download
+IMAGE_START_TARGET = 0.15  # seconds from PUT /tickets (image ticket) to a GET's first byte
+HOST2 = "127.0.0.2"      # the upstream hosts of the proxy rows (issue 14)
+REQUEST_SIZES = {"64k": 64 * 1024, "512k": 512 * 1024, "2m": 2 * MiB}   # nbd_request_size rows
 
 
 def log(msg):
@@ -59,10 +62,11 @@ class Scenario:
     """
 
     def __init__(self, name, unit, run, limit=None, higher=True, targets=(), daemons=DAEMONS,
-                 repeat=1, tls=None, new=False):
+                 repeat=1, tls=None, new=False, rule_target=True):
         self.name, self.unit, self.run = name, unit, run
         self.tls = tls              # TLS rows: tls(ctx) -> (source buffer, plans of tls_copy)
-        self.new = new              # issue 13's rows: its rule is a target here, not a report
+        self.new = new              # issue 13-15's rows: the rule is a target, not a report
+        self.rule_target = rule_target  # False: a new row whose targets are its own (absolute)
         self.repeat = repeat        # samples per run: short scenarios take more, noise is large
         self.limit = limit          # description of the limit column, or None
         self.higher = higher        # True: bigger is better (MiB/s, req/s); False: seconds
@@ -88,6 +92,7 @@ class Context:
         self.daemons = {}
         self.counter = 0
         self.notes = []
+        self.extra = {}             # daemons started on first use (proxy rows, request sizes)
 
     def setup(self):
         os.makedirs(self.work, exist_ok=True)
@@ -144,8 +149,35 @@ class Context:
         return self.daemons[BUFFERED if buffered and system == "nbdproxy" else system]
 
     def stop_daemons(self):
-        for d in self.daemons.values():
+        for d in list(self.extra.values()) + list(self.daemons.values()):
             d.stop()
+
+    def lazy(self, name, start):
+        """A daemon only some rows need, started by start(directory) on first use, kept."""
+        if name not in self.extra:
+            d = start(os.path.join(self.work, name))
+            d.name = name
+            self.extra[name] = d
+        return self.extra[name]
+
+    def proxy_pair(self, system):
+        """(proxy, host) of a proxy row: the host on HOST2 with a certificate valid there, the
+        proxy trusting it (nbdproxy --backend-ca-file; imageio its tls ca_file)."""
+        cert, key = systems.make_cert(self.work, "-proxy", ("127.0.0.1", HOST2))
+        if system == "imageio":
+            host = self.lazy("imageio-host", lambda d: systems.Imageio(d, cert, key, host=HOST2))
+            proxy = self.lazy("imageio-proxy", lambda d: systems.Imageio(d, cert, key))
+        else:
+            host = self.lazy("nbdproxy-host", lambda d: systems.NbdProxy(d, cert, key,
+                                                                         host=HOST2))
+            proxy = self.lazy("nbdproxy-proxy", lambda d: systems.NbdProxy(
+                d, cert, key, extra_args=["--backend-ca-file", cert]))
+        return proxy, host
+
+    def request_size_daemon(self, label):
+        return self.lazy(f"nbdproxy-rs{label}", lambda d: systems.NbdProxy(
+            d, self.cert, self.key, extra_args=["--nbd-request-size",
+                                                str(REQUEST_SIZES[label])]))
 
     def ticket_id(self):
         self.counter += 1
@@ -155,7 +187,7 @@ class Context:
 # Measuring
 
 def measure(ctx, daemon, kind, image, size, fn, sparse=False, discard=False, before=None,
-            after=None):
+            after=None, cache=None):
     """A fresh NBD server on image, a ticket for it, and fn(url) timed with the CPU it cost.
 
     fn returns the bytes it moved. before() runs before the NBD server starts; after(server) runs
@@ -163,7 +195,7 @@ def measure(ctx, daemon, kind, image, size, fn, sparse=False, discard=False, bef
     """
     if before:
         before()
-    with ctx.nbd.start(kind, image, discard=discard) as server:
+    with ctx.nbd.start(kind, image, discard=discard, cache=cache) as server:
         tid = ctx.ticket_id()
         url = daemon.add_ticket(tid, server.url, size, sparse=sparse)
         try:
@@ -224,11 +256,11 @@ def rate(sample):
     return sample
 
 
-def time_limit(ctx, kind, image, fn, discard=False, before=None, after=None):
+def time_limit(ctx, kind, image, fn, discard=False, before=None, after=None, cache=None):
     """A limit measured on a fresh NBD server: fn(server) returns (seconds, bytes)."""
     if before:
         before()
-    with ctx.nbd.start(kind, image, discard=discard) as server:
+    with ctx.nbd.start(kind, image, discard=discard, cache=cache) as server:
         seconds, moved = fn(server)
         nbd_cpu = server.cpu()
         if after:
@@ -586,10 +618,237 @@ def busy_scenario(ctx):
     return Scenario("busy8/tls/4get+4put", "MiB/s", run, tls=tls)
 
 
+def proxy_scenarios(ctx):
+    """Issue 14: the dense transfers through a proxy daemon (client on its unix socket) in front
+    of a host daemon of the same kind on HOST2 over TLS; the limit is the same transfer straight
+    to nbdproxy's host over TLS."""
+    size = ctx.sizes["dense"]
+    return [_proxy(op, conns, size) for op in ("download", "upload") for conns in (1, 4)]
+
+
+def _proxy(op, conns, size):
+    samples = upload_samples(size)
+
+    def run(ctx, system):
+        proxy, host = ctx.proxy_pair("nbdproxy" if system == "limit" else system)
+        upload = op == "upload"
+        image = ctx.dst_path if upload else ctx.dense_path
+        ops = ("read", "write") if upload else ("read",)
+        if upload:
+            scribble(ctx.dst_path, samples)
+        with ctx.nbd.start("qemu-nbd", image) as server:
+            tid = ctx.ticket_id()
+            host.add_ticket(tid, server.url, size, ops=ops)
+            daemons = [host]
+            try:
+                if system == "limit":
+                    ep, url = host.endpoint("tls"), f"/images/{tid}"
+                else:
+                    url = proxy.add_ticket(tid, host.https_url(tid), size, ops=ops)
+                    ep = proxy.endpoint("unix")
+                    daemons.insert(0, proxy)
+                cpu0, c0 = [d.cpu() for d in daemons], os.times()
+                start = time.perf_counter()
+                if upload:
+                    clients.upload(ep, url, size, conns, ctx.dense)
+                else:
+                    clients.download(ep, url, size, conns, ctx.dense)
+                seconds = time.perf_counter() - start
+                cpu1, c1 = [d.cpu() for d in daemons], os.times()
+                nbd_cpu = server.cpu()
+            finally:
+                if system != "limit":
+                    proxy.delete_ticket(tid)
+                host.delete_ticket(tid)
+            if upload:
+                clients.verify_export(server.sock, ctx.dense, samples)
+        # server_cpu: the daemon the client talks to (the proxy); host_cpu: its upstream.
+        return rate({"seconds": seconds, "bytes": size, "server_cpu": cpu1[0] - cpu0[0],
+                     "host_cpu": cpu1[-1] - cpu0[-1], "nbd_cpu": nbd_cpu,
+                     "client_cpu": (c1.user + c1.system) - (c0.user + c0.system)})
+    return Scenario(f"proxy-{op}/unix/{conns}conn/tls-host", "MiB/s", run,
+                    limit="nbdproxy host direct over TLS", new=True)
+
+
+def image_scenarios(ctx):
+    """Issue 15: image tickets (the daemon starts qemu-nbd) against ovirt-imageio on a qemu-nbd
+    started as a host starts it (default environment), in both cache modes; the limit is nbdcopy
+    on a qemu-nbd started as the image ticket starts it."""
+    size = ctx.sizes["dense"]
+    out = [Scenario("image-start/unix", "s", _image_start, limit="qemu-nbd start to 1st byte",
+                    higher=False, targets=[("max", IMAGE_START_TARGET)], repeat=5, new=True,
+                    rule_target=False)]
+    for op in ("download", "upload"):
+        for cache in ("none", "writeback"):
+            out.append(_image(op, cache, size))
+    return out
+
+
+def _first_byte(ep, url, length=4 * MiB):
+    """GET [0, length): seconds to the first byte of the body (then the rest is read)."""
+    conn = ep.connect()
+    try:
+        conn.putrequest("GET", url, skip_accept_encoding=True)
+        conn.putheader("Range", f"bytes=0-{length - 1}")
+        conn.endheaders()
+        resp = conn.getresponse()
+        clients.check_status(resp, (200, 206), "GET")
+        resp.read(1)
+        first = time.perf_counter()
+        resp.read()
+        return first
+    finally:
+        conn.close()
+
+
+def _image_start(ctx, system):
+    """Seconds from asking for a transfer to its first byte: nbdproxy PUT /tickets with an image,
+    GET; imageio: the host starts qemu-nbd (waits for its socket, as vdsm), PUT /tickets, GET;
+    limit: qemu-nbd started as the image ticket starts it, NBD connect, 1 byte read."""
+    tid = ctx.ticket_id()
+    if system == "limit":
+        start = time.perf_counter()
+        with systems.ImageTicketServer(ctx.nbd.sock(), ctx.dense_path, True,
+                                       ctx.direct) as server:
+            h = clients.nbd.NBD()
+            h.connect_unix(server.sock)
+            h.pread(1, 0)
+            seconds = time.perf_counter() - start
+            h.shutdown()
+        return {"seconds": seconds, "value": seconds}
+    daemon = ctx.daemons[system]
+    ep = daemon.endpoint("unix")
+    if system == "nbdproxy":
+        start = time.perf_counter()
+        url = daemon.add_image_ticket(tid, ctx.dense_path, ops=("read",))
+        try:
+            seconds = _first_byte(ep, url) - start
+        finally:
+            daemon.delete_ticket(tid)
+        return {"seconds": seconds, "value": seconds}
+    start = time.perf_counter()
+    with ctx.nbd.start("qemu-nbd", ctx.dense_path, env=systems.host_env()) as server:
+        url = daemon.add_ticket(tid, server.url, ctx.sizes["dense"], ops=("read",))
+        try:
+            seconds = _first_byte(ep, url) - start
+        finally:
+            daemon.delete_ticket(tid)
+    return {"seconds": seconds, "value": seconds}
+
+
+def _image(op, cache, size):
+    samples = upload_samples(size)
+    upload = op == "upload"
+
+    def run(ctx, system):
+        image = ctx.dst_path if upload else ctx.dense_path
+        if upload:
+            scribble(ctx.dst_path, samples)
+
+        def transfer(ep, url):
+            if upload:
+                return clients.upload(ep, url, size, 1, ctx.dense)
+            return clients.download(ep, url, size, 1, ctx.dense)
+        if system == "limit":
+            with systems.ImageTicketServer(ctx.nbd.sock(), image, not upload,
+                                           cache == "none") as server:
+                start = time.perf_counter()
+                if upload:
+                    clients.nbdcopy(ctx.dense_path, server.uri, 1, flush=True)
+                else:
+                    clients.nbdcopy(server.uri, "null:", 1)
+                seconds = time.perf_counter() - start
+                nbd_cpu = server.cpu()
+                if upload:
+                    clients.verify_export(server.sock, ctx.dense, samples)
+            return rate({"seconds": seconds, "bytes": size, "nbd_cpu": nbd_cpu})
+        daemon = ctx.daemons[system]
+        ep = daemon.endpoint("unix")
+        if system == "imageio":
+            after = ((lambda server: clients.verify_export(server.sock, ctx.dense, samples))
+                     if upload else None)
+            # measure() with a host's qemu-nbd: this cache mode, default environment.
+            with ctx.nbd.start("qemu-nbd", image, cache=cache, env=systems.host_env()) as server:
+                tid = ctx.ticket_id()
+                url = daemon.add_ticket(tid, server.url, size)
+                try:
+                    cpu0, c0 = daemon.cpu(), os.times()
+                    start = time.perf_counter()
+                    transfer(ep, url)
+                    seconds = time.perf_counter() - start
+                    cpu1, c1 = daemon.cpu(), os.times()
+                    nbd_cpu = server.cpu()
+                finally:
+                    daemon.delete_ticket(tid)
+                if after:
+                    after(server)
+        else:
+            # The image ticket as it is: nbdproxy picks the cache mode (cache=none where
+            # O_DIRECT works); there is no setting for writeback.
+            tid = ctx.ticket_id()
+            url = daemon.add_image_ticket(tid, image,
+                                          ops=("read", "write") if upload else ("read",))
+            try:
+                cpu0, c0 = daemon.cpu(), os.times()
+                start = time.perf_counter()
+                transfer(ep, url)
+                seconds = time.perf_counter() - start
+                cpu1, c1 = daemon.cpu(), os.times()
+                nbd_cpu = daemon.qemu_nbd_cpu()
+            finally:
+                daemon.delete_ticket(tid)
+            if upload:
+                clients.verify_file(image, ctx.dense, samples)
+        return rate({"seconds": seconds, "bytes": size, "server_cpu": cpu1 - cpu0,
+                     "nbd_cpu": nbd_cpu,
+                     "client_cpu": (c1.user + c1.system) - (c0.user + c0.system)})
+    return Scenario(f"image-{op}/unix/1conn/{cache}", "MiB/s", run,
+                    limit=f"nbdcopy -C 1, image ticket's qemu-nbd", new=True)
+
+
+def request_size_scenarios(ctx):
+    """Issue 15 point 5: download/upload unix 1conn qemu-nbd (the dense rows) through nbdproxy
+    daemons that differ only in --nbd-request-size, on qemu-nbd --cache=none and writeback."""
+    size = ctx.sizes["dense"]
+    out = []
+    for op in ("download", "upload"):
+        for cache in ("none", "writeback"):
+            for label in REQUEST_SIZES:
+                out.append(_request_size(op, cache, label, size))
+    return out
+
+
+def _request_size(op, cache, label, size):
+    samples = upload_samples(size)
+
+    def run(ctx, system):
+        if op == "download":
+            if system == "limit":
+                return rate(time_limit(ctx, "qemu-nbd", ctx.dense_path, lambda s: (
+                    clients.nbdcopy(s.uri, "null:", 1), size), cache=cache))
+            ep = ctx.request_size_daemon(label).endpoint("unix")
+            return rate(measure(ctx, ctx.request_size_daemon(label), "qemu-nbd", ctx.dense_path,
+                                size, lambda url: clients.download(ep, url, size, 1, ctx.dense),
+                                cache=cache))
+        before = lambda: scribble(ctx.dst_path, samples)  # noqa: E731
+        after = lambda server: clients.verify_export(server.sock, ctx.dense, samples)  # noqa: E731
+        if system == "limit":
+            return rate(time_limit(ctx, "qemu-nbd", ctx.dst_path, lambda s: (
+                clients.nbdcopy(ctx.dense_path, s.uri, 1, flush=True), size),
+                before=before, after=after, cache=cache))
+        ep = ctx.request_size_daemon(label).endpoint("unix")
+        return rate(measure(ctx, ctx.request_size_daemon(label), "qemu-nbd", ctx.dst_path, size,
+                            lambda url: clients.upload(ep, url, size, 1, ctx.dense),
+                            before=before, after=after, cache=cache))
+    return Scenario(f"reqsize/{op}/unix/1conn/{cache}/{label}", "MiB/s", run,
+                    limit="nbdcopy -C 1", daemons=("nbdproxy",))
+
+
 def all_scenarios(ctx):
     return (dense_scenarios(ctx) + file_scenarios(ctx) + [socket_copy_scenario(ctx)]
             + sparse_scenarios(ctx)
-            + small_scenarios(ctx) + checksum_scenarios(ctx) + [busy_scenario(ctx)])
+            + small_scenarios(ctx) + checksum_scenarios(ctx) + [busy_scenario(ctx)]
+            + proxy_scenarios(ctx) + image_scenarios(ctx) + request_size_scenarios(ctx))
 
 
 # Summary
@@ -642,6 +901,8 @@ def summarize(scenario, samples):
     row["ratio_bound_imageio"] = speedup(bound, m.get("imageio"))
     row["rule"] = rule(row["ratio_imageio"], speedup(m.get("nbdproxy"), bound),
                        row["ratio_bound_imageio"])
+    if not scenario.rule_target:
+        row["rule"] = None      # its targets are absolute (image-start: seconds)
     if scenario.new:
         row["misses"] = new_row_misses(scenario, row)
         return row
@@ -678,6 +939,12 @@ def rule(np_io, np_bound, bound_io):
 def new_row_misses(scenario, row):
     """The targets of issue 13's rows: the rule, and daemon CPU on unix-socket downloads."""
     misses = []
+    for kind, target in scenario.targets:
+        if kind == "max" and row["median"].get("nbdproxy") is not None \
+                and row["median"]["nbdproxy"] > target:
+            misses.append(f">{target}s")
+    if not scenario.rule_target:
+        return misses
     if row["rule"] == "MISS":
         if row["ratio_bound_imageio"] is not None and row["ratio_bound_imageio"] < SPEED_TARGET:
             tls = row["bound"] == row["median"].get("tls-limit")
@@ -733,6 +1000,31 @@ def table(rows):
         if n == 0:
             out.append("  ".join("-" * w for w in widths))
     return "\n".join(out)
+
+
+def request_size_summary(rows):
+    """The nbd_request_size rows per size: each row's median over the best size of that row, and
+    their geometric mean over both operations and cache modes (1.00 = best everywhere)."""
+    by = {}
+    for r in rows:
+        parts = r["scenario"].split("/")
+        if parts[0] == "reqsize" and r["median"].get("nbdproxy"):
+            by.setdefault("/".join(parts[1:5]), {})[parts[5]] = r["median"]["nbdproxy"]
+    if not by:
+        return ""
+    lines = ["", "", "nbd_request_size: MiB/s (fraction of the row's best size)"]
+    scores = {label: [] for label in REQUEST_SIZES}
+    for row, values in by.items():
+        best = max(values.values())
+        cells = []
+        for label in REQUEST_SIZES:
+            if label in values:
+                scores[label].append(values[label] / best)
+                cells.append(f"{label} {values[label]:5.0f} ({values[label] / best:.2f})")
+        lines.append(f"  {row:32} " + "  ".join(cells))
+    lines.append("  geometric mean of the fractions: " + "  ".join(
+        f"{label} {statistics.geometric_mean(v):.2f}" for label, v in scores.items() if v))
+    return "\n".join(lines)
 
 
 def limits_legend(rows):
@@ -866,11 +1158,11 @@ def main(argv=None):
             f"handshakes timed; cipher {', '.join(tls_ciphers)} (daemons: "
             + ", ".join(f"{k} {v}" for k, v in ctx.ciphers.items()) + "); np/tls: nbdproxy "
             "over it")
-    header.append("rule: issue 13's rule, >= 1.5x imageio or, where the lower of the row's "
+    header.append("rule: issue 13's rule (also issues 14 and 15's), >= 1.5x imageio or, where the lower of the row's "
                   "limits is under 1.5x imageio, >= 0.9x that limit; * marks the rows it is a "
                   "target for (misses of those rows: that rule, and daemon CPU/GiB <= 0.5x "
                   "imageio's on unix-socket downloads)")
-    text = "\n".join(header) + "\n\n" + table(rows)
+    text = "\n".join(header) + "\n\n" + table(rows) + request_size_summary(rows)
     print(text)
     result = {
         "date": started.isoformat(timespec="seconds"),

@@ -54,13 +54,14 @@ def ensure_imageio_venv(log=print):
     return python
 
 
-def make_cert(directory):
-    cert = os.path.join(directory, "cert.pem")
-    key = os.path.join(directory, "key.pem")
+def make_cert(directory, name="", ips=("127.0.0.1",)):
+    """A self-signed certificate (its own CA) for localhost and ips; made once, kept."""
+    cert = os.path.join(directory, f"cert{name}.pem")
+    key = os.path.join(directory, f"key{name}.pem")
     if not (os.path.exists(cert) and os.path.exists(key)):
+        san = ",".join(["DNS:localhost"] + [f"IP:{ip}" for ip in ips])
         subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
-                        "-subj", "/CN=localhost", "-addext",
-                        "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-subj", "/CN=localhost", "-addext", f"subjectAltName={san}",
                         "-keyout", key, "-out", cert], check=True, capture_output=True)
     return cert, key
 
@@ -147,11 +148,28 @@ def fresh_sparse_target(path, size):
     return path
 
 
+def host_env():
+    """The environment a host starts qemu-nbd with: ours without glibc's MALLOC_* tunables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+
 def allocated(path):
     return os.stat(path).st_blocks * 512
 
 
 # Processes
+
+def children(pid):
+    """Pids of the children of a process (all its threads)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except FileNotFoundError:
+            pass
+    return out
+
 
 def cpu_seconds(pid):
     """utime + stime of a process (all its threads), in seconds."""
@@ -216,13 +234,14 @@ class Process:
 class NBDServer(Process):
     """qemu-nbd or nbdkit serving one image on a unix socket, started fresh for one run."""
 
-    def __init__(self, argv, sock, log_path):
+    def __init__(self, argv, sock, log_path, env=None):
         self.sock = sock
         if os.path.exists(sock):
             os.unlink(sock)
         self.log = open(log_path, "a")
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=self.log,
-                                     env=dict(os.environ, **NBD_SERVER_ENV))
+                                     env=env if env is not None
+                                     else dict(os.environ, **NBD_SERVER_ENV))
         try:
             wait_for(lambda: os.path.exists(sock), self.proc, argv[0])
         except Exception:
@@ -246,11 +265,12 @@ class NBDServer(Process):
 class NBDFactory:
     """Starts the NBD server of one run: qemu-nbd with the chosen cache mode, or nbdkit file."""
 
+    CACHE_ARGS = {"none": ["--cache=none", "--aio=native"], "writeback": ["--cache=writeback"]}
+
     def __init__(self, workdir, direct):
         self.workdir = workdir
         self.direct = direct
-        self.cache_args = (["--cache=none", "--aio=native"] if direct
-                           else ["--cache=writeback"])
+        self.cache_args = self.CACHE_ARGS["none" if direct else "writeback"]
         self.count = 0
 
     def describe(self):
@@ -258,12 +278,18 @@ class NBDFactory:
         return ("qemu-nbd --persistent --shared=8 " + " ".join(self.cache_args)
                 + f" ({env}); nbdkit file (same environment)")
 
-    def start(self, kind, image, discard=False):
+    def sock(self):
         self.count += 1
-        sock = os.path.join(self.workdir, f"nbd-{self.count}.sock")
+        return os.path.join(self.workdir, f"nbd-{self.count}.sock")
+
+    def start(self, kind, image, discard=False, cache=None, env=None):
+        """cache: "none" or "writeback" for this server (default: the run's); env: its whole
+        environment (default: ours with NBD_SERVER_ENV)."""
+        sock = self.sock()
         log = os.path.join(self.workdir, "nbd-servers.log")
         if kind == "qemu-nbd":
-            argv = ["qemu-nbd", "--persistent", "--shared=8", *self.cache_args, "--format=raw",
+            cache_args = self.CACHE_ARGS[cache] if cache else self.cache_args
+            argv = ["qemu-nbd", "--persistent", "--shared=8", *cache_args, "--format=raw",
                     "--socket", sock]
             if discard:
                 argv.append("--discard=unmap")
@@ -272,7 +298,38 @@ class NBDFactory:
             argv = ["nbdkit", "--foreground", "--exit-with-parent", "--unix", sock, "file", image]
         else:
             raise ValueError(kind)
-        return NBDServer(argv, sock, log)
+        return NBDServer(argv, sock, log, env)
+
+
+class ImageTicketServer:
+    """qemu-nbd started exactly as an image ticket of this tree starts it (its flags and
+    environment: nbdproxy.backends.qemu_nbd.Server), waited for until it greets."""
+
+    def __init__(self, sock, image, read_only, direct):
+        if TOP not in sys.path:
+            sys.path.insert(0, TOP)
+        from nbdproxy.backends import qemu_nbd
+        self.sock = sock
+        self.server = qemu_nbd.Server(image, "raw", sock, read_only=read_only, clients=8,
+                                      direct=direct)
+        self.argv = self.server.argv
+        self.env = qemu_nbd.FAST_ENV
+
+    @property
+    def uri(self):
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def cpu(self):
+        return cpu_seconds(self.server.pid)
+
+    def stop(self):
+        self.server.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -325,7 +382,8 @@ class Daemon(Process):
 
     name = None
 
-    def __init__(self, directory, cert, key):
+    def __init__(self, directory, cert, key, host="127.0.0.1"):
+        self.host = host
         self.delete_errors = []
         self.dir = directory
         self.cert, self.key = cert, key
@@ -361,6 +419,26 @@ class Daemon(Process):
             raise RuntimeError(f"{self.name}: add ticket: {status} {body!r}")
         return f"/images/{ticket_id}"
 
+    def add_image_ticket(self, ticket_id, image, ops=("read", "write")):
+        """An image ticket (API.md 7d): the daemon starts qemu-nbd for it; size left out."""
+        ticket = {"uuid": ticket_id, "ops": list(ops), "timeout": 3600,
+                  "image": {"path": image, "format": "raw"}, "inactivity_timeout": 300}
+        status, body = control_request(self.control_socket, "PUT", f"/tickets/{ticket_id}",
+                                       json.dumps(ticket).encode())
+        if status != 200:
+            raise RuntimeError(f"{self.name}: add image ticket: {status} {body!r}")
+        return f"/images/{ticket_id}"
+
+    def qemu_nbd_cpu(self):
+        """CPU seconds of the qemu-nbd children of the daemon (an image ticket's server)."""
+        total = 0.0
+        for pid in children(self.proc.pid):
+            try:
+                total += cpu_seconds(pid)
+            except FileNotFoundError:
+                pass
+        return total
+
     def delete_ticket(self, ticket_id):
         status, body = control_request(self.control_socket, "DELETE", f"/tickets/{ticket_id}")
         if status not in (200, 204):
@@ -374,7 +452,10 @@ class Daemon(Process):
     def endpoint(self, transport):
         if transport == "unix":
             return Endpoint("unix", self.local_socket)
-        return Endpoint("tls", ("127.0.0.1", self.port), cafile=self.cert)
+        return Endpoint("tls", (self.host, self.port), cafile=self.cert)
+
+    def https_url(self, ticket_id):
+        return f"https://{self.host}:{self.port}/images/{ticket_id}"
 
     def peak_rss(self):
         return peak_rss(self.proc.pid)
@@ -383,9 +464,9 @@ class Daemon(Process):
 class NbdProxy(Daemon):
     name = "nbdproxy"
 
-    def __init__(self, directory, cert, key, extra_args=()):
+    def __init__(self, directory, cert, key, extra_args=(), host="127.0.0.1"):
         self.extra_args = list(extra_args)   # e.g. --no-file-direct for a second daemon
-        super().__init__(directory, cert, key)
+        super().__init__(directory, cert, key, host)
 
     def env(self):
         return dict(os.environ, PYTHONPATH=TOP)
@@ -395,8 +476,9 @@ class NbdProxy(Daemon):
         os.makedirs(conf_dir, exist_ok=True)
         return [NBDPROXY_PYTHON, "-m", "nbdproxy", "serve", "--conf-dir", conf_dir,
                 "--control-socket", self.control_socket, "--local-socket", self.local_socket,
-                "--host", "127.0.0.1", "--port", "0", "--cert-file", self.cert,
-                "--key-file", self.key, "--log-level", "INFO", *self.extra_args]
+                "--host", self.host, "--port", "0", "--cert-file", self.cert,
+                "--key-file", self.key, "--log-level", "INFO",
+                "--run-dir", os.path.join(self.dir, "run"), *self.extra_args]
 
     def _ready(self):
         m = re.search(r"nbdproxy ready .*remote=https://\S+:(\d+)", self.read_log())
@@ -418,7 +500,7 @@ cert_file = {cert}
 ca_file = {cert}
 
 [remote]
-host = 127.0.0.1
+host = {host}
 port = 0
 
 [local]
@@ -454,6 +536,7 @@ class Imageio(Daemon):
         with open(os.path.join(conf_dir, "conf.d", "50-bench.conf"), "w") as f:
             f.write(IMAGEIO_CONF.format(dir=self.dir, key=self.key, cert=self.cert,
                                         local=self.local_socket, control=self.control_socket,
+                                        host=self.host,
                                         log=self.imageio_log))
         # The package's own entry point (bin/ovirt-imageio) is server.main().
         return [self.python or sys.executable, "-c",
