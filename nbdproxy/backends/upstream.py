@@ -5,10 +5,12 @@ believed (statuses, ranges, JSON), failures as errors.BadGateway naming the upst
 
 import http.client
 import json
+import queue
 import re
 import select
 import socket
 import ssl
+import threading
 import urllib.parse
 
 from .. import errors
@@ -254,16 +256,9 @@ class Upstream:
         if not length:
             return
 
-        def pieces():
-            left = length
-            while left:
-                n = min(len(view), left)
-                read_fully(readinto, view[:n], exact=True)
-                left -= n
-                yield view[:n]
-                on_written(n)       # sent; the PUT's answer acknowledges all of it
-
-        self._put(offset, length, pieces, check)
+        slots = [memoryview(buf)[i * PIECE:(i + 1) * PIECE] for i in range(2)]
+        self._put(offset, length, lambda: _read_ahead(readinto, slots, length, on_written),
+                  check)
 
     def _put(self, offset, length, pieces, check):
         url = f"{self.b.path}?flush=n"
@@ -395,6 +390,48 @@ class Upstream:
         finally:
             if not done or not resp.isclosed() or resp.will_close:
                 self._fail()
+
+
+def _read_ahead(readinto, slots, length, on_written):
+    """The body's pieces, each read into a slot by a thread of its own while the one before is
+    sent: the client's socket and the upstream's (TLS encryption) work at the same time."""
+    ready, free = queue.SimpleQueue(), queue.SimpleQueue()
+    for slot in slots:
+        free.put(slot)
+
+    def read():
+        left = length
+        try:
+            while left:
+                slot = free.get()
+                if slot is None:
+                    return
+                n = min(len(slot), left)
+                read_fully(readinto, slot[:n], exact=True)
+                left -= n
+                ready.put((slot, n))
+        except BaseException as e:
+            ready.put(e)
+
+    reader = threading.Thread(target=read, name="body-read", daemon=True)
+    reader.start()
+    left = length
+    try:
+        while left:
+            item = ready.get()
+            if isinstance(item, BaseException):
+                raise item
+            slot, n = item
+            yield slot[:n]
+            on_written(n)       # sent; the PUT's answer acknowledges all of it
+            left -= n
+            free.put(slot)
+    finally:
+        free.put(None)
+        # Stopped early (the upstream failed, a cancel): the reader may sit in a read of a
+        # client that sends slowly; it ends with that read, and nobody waits for it.
+        if not left:
+            reader.join()
 
 
 class _FinalResponse(http.client.HTTPResponse):
