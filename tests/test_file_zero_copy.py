@@ -111,11 +111,11 @@ def test_delete_stops_a_zero_copy_download(zc_daemon, image):
 
 def test_stalled_reader_is_cut_at_the_inactivity_timeout(zc_daemon, image):
     zc_daemon.add_ticket(f"file://{image}", SIZE, ops=["read"], ticket_id="stall",
-                         inactivity_timeout=2)
+                         inactivity_timeout=1)
     s = _slow_get(zc_daemon, "stall")
     try:
         started = time.monotonic()
-        time.sleep(5)       # reads nothing: the daemon gives up after about 2 s (or 4)
+        time.sleep(3)       # reads nothing: the daemon gives up after about 1 s (or 2)
         got = _drain(s, 10)
         assert got < SIZE
         assert time.monotonic() - started < 15

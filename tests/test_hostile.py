@@ -277,9 +277,10 @@ def test_one_stalled_flush_stops_idle_closing_for_every_ticket(tmp_path, cert):
         status, body = request(d.local(), "GET", "/images/two", headers={"Range": "bytes=0-3"})
         assert status == 206, body
     finally:
+        stall.kill()        # first, at once: nbdkit and the daemon would wait for its flush
         d.stop(timeout=10)
         single.stop()
-        stall.stop()
+        stall.stop()        # its socket and pipe
 
 
 def test_sigalrm_does_not_kill_the_daemon(tmp_path):
