@@ -9,6 +9,7 @@ never fills the page cache); on /dev/shm 2152 vs 3034 MiB/s. Buffered, cached ex
 zero copy (caps.zero_copy) only for buffered fds; send_to on an O_DIRECT fd reads and sends.
 """
 
+import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -26,6 +27,8 @@ from .pool import Pool
 log = logging.getLogger("nbdproxy.file")
 
 MAX_ZERO = 1024**3       # bytes per fallocate or BLKZEROOUT in zero()
+# Pieces of a page-cache upload whose writeback runs before the oldest is waited for and dropped.
+STREAM_BEHIND = 4
 
 
 def parse_url(url):
@@ -139,6 +142,7 @@ class FileChannel(Pipeline, AlignedIO):
         self._bounces = {}      # thread id -> its aligned bounce buffer (pieces run in parallel)
         self.unflushed = 0
         self._count_lock = threading.Lock()
+        self._behind = collections.deque()     # page-cache pieces whose writeback is started
 
     # What the Pool asks of a channel.
 
@@ -267,6 +271,21 @@ class FileChannel(Pipeline, AlignedIO):
                 self._zero(offset, len(view), punch_hole, view, size)
             else:
                 self._write(view, offset, size)
+                if not self._b.direct:
+                    self._stream_out(offset, len(view))
+
+    def _stream_out(self, offset, length):
+        """A page-cache upload streams to the disk as it comes: each piece's writeback starts at
+        once, and STREAM_BEHIND pieces later it is waited for and its pages dropped. Dirty pages
+        left for the final flush, and pages that need reclaiming, stay a few pieces per writer
+        (make bench: on a machine whose memory is full of cached files, the writer paid for the
+        reclaim: 3 CPU-s/GiB). Only the write-behind thread writes a page-cache channel."""
+        fileio.write_out(self.fd, offset, length)
+        self._behind.append((offset, length))
+        if len(self._behind) > STREAM_BEHIND:
+            done, n = self._behind.popleft()
+            fileio.write_out(self.fd, done, n, wait=True)
+            os.posix_fadvise(self.fd, done, n, os.POSIX_FADV_DONTNEED)
 
     # Zeroing: never changes the size; deallocates with punch_hole, else allocates zeros.
 

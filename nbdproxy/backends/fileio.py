@@ -51,6 +51,22 @@ def fallocate(fd, mode, offset, length):
         raise OSError(e, os.strerror(e))
 
 
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+SYNC_FILE_RANGE_WAIT_BEFORE, SYNC_FILE_RANGE_WRITE, SYNC_FILE_RANGE_WAIT_AFTER = 1, 2, 4
+
+
+def write_out(fd, offset, length, wait=False):
+    """Start writeback of the range's dirty pages now (sync_file_range); with wait, until they
+    are written. Not a flush: no metadata, no device cache."""
+    flags = SYNC_FILE_RANGE_WRITE
+    if wait:
+        flags |= SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER
+    if _sync_file_range(fd, offset, length, flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
 def try_fallocate(fd, mode, offset, length):
     """fallocate; False where the file or filesystem does not support the mode."""
     try:
