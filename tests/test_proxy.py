@@ -19,7 +19,7 @@ import time
 import pytest
 from ovirt_imageio import client as imageio_client
 
-from support import (Daemon, qemu_nbd, read_export, request, response,
+from support import (TOP, Daemon, qemu_nbd, read_export, request, response,
                      UnixHTTPConnection)
 
 KiB = 1024
@@ -42,34 +42,9 @@ def make_cert(directory):
     return cert, key
 
 
-IMAGEIO_CONF = """\
-[daemon]
-run_dir = {dir}
-drop_privileges = false
-systemd_enable = false
-[tls]
-enable = true
-key_file = {key}
-cert_file = {cert}
-ca_file = {cert}
-[remote]
-host = {host}
-port = 0
-[local]
-enable = true
-socket = {local}
-[control]
-transport = unix
-socket = {control}
-[handlers]
-keys = logfile
-[handler_logfile]
-keyword__class = logging.FileHandler
-args = ("{log}",)
-kwargs = {{}}
-level = DEBUG
-formatter = long
-"""
+# ovirt-imageio's configuration as make bench starts it: the same daemon for tests and bench.
+sys.path.insert(0, os.path.join(TOP, "bench"))
+from systems import IMAGEIO_CONF  # noqa: E402
 
 
 class Imageio:
