@@ -19,9 +19,6 @@ WRITE_FEATURES = ["checksum", "extents", "flush", "zero"]
 _RANGE = re.compile(r"bytes=([0-9]{1,1000})-([0-9]{0,1000})")
 _CONTENT_RANGE = re.compile(r"bytes ([0-9]{1,1000})-([0-9]{1,1000}|\*)/([0-9]{1,1000}|\*)")
 
-# A zero-copy download sends this much per call: a cancel point, as a buffered piece is.
-ZERO_COPY_PIECE = 2 * 1024**2
-
 # A PATCH body is a small JSON object; anything larger is not one of ours.
 MAX_PATCH_BODY = 64 * 1024
 
@@ -273,20 +270,17 @@ def _download(ctx, ticket, h, offset, length):
                 operation.progress(len(view))
 
     def sent(sock):
-        """Zero copy: the channel sends each piece from the file itself; the same cancel points
-        and the same early finish as chunks()."""
+        """Zero copy: the channel sends the range from the file itself, with the same cancel
+        points (one per piece) and the same early finish as chunks()."""
+        def last(n):
+            operation.progress(n)
+            stream.succeeded()
+
         pos, end = offset, offset + length
-        while pos < end:
-            n = min(ZERO_COPY_PIECE, end - pos)
-            last = pos + n == end
-            if last:
-                operation.progress(n)
-                stream.succeeded()
-            for _ in h.send_to(sock, pos, n):
-                pass
-            if not last:
-                operation.progress(n)
+        for n in h.send_to(sock, offset, length, last):
             pos += n
+            if pos < end:
+                operation.progress(n)
             yield n
 
     zero_copy = sent if ticket.backend.caps(h).zero_copy else None

@@ -1,9 +1,11 @@
-"""Zero copy (issue 13, point 4): GET of a page-cache file ticket over a plain socket goes from the
-file to the socket (sendfile) with the same bytes, ranges, progress, cancel and timeouts as the
-buffered path; TLS keeps the buffered path."""
+"""Zero copy (issue 13, point 4): GET of a file ticket over a plain socket goes from the file to the
+socket (sendfile from the page cache, splice of an O_DIRECT fd) with the same bytes, ranges,
+progress, cancel and timeouts as the buffered path; TLS keeps the buffered path."""
 
 import os
+import shutil
 import socket
+import subprocess
 import threading
 import time
 
@@ -23,11 +25,25 @@ def image(workdir):
     return path
 
 
-@pytest.fixture(scope="module")
-def zc_daemon(workdir, cert):
-    d = Daemon(str(workdir / "daemon"), *cert, args=["--no-file-direct"])
+@pytest.fixture(scope="module", params=["buffered", "direct"])
+def zc_daemon(request, workdir, cert):
+    args = ["--no-file-direct"] if request.param == "buffered" else []
+    d = Daemon(str(workdir / f"daemon-{request.param}"), *cert, args=args)
+    d.direct = request.param == "direct"
     yield d
     d.stop()
+
+
+def _cached(path):
+    """Bytes of path in the page cache."""
+    out = subprocess.run(["fincore", "-nb", "-o", "RES", path], capture_output=True, text=True,
+                         check=True)
+    return int(out.stdout.split()[0])
+
+
+def _uncache(path):
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
 def content(path, offset=0, length=None):
@@ -40,7 +56,10 @@ def content(path, offset=0, length=None):
 def test_whole_and_ranges(zc_daemon, image, service):
     zc_daemon.add_ticket(f"file://{image}", SIZE, ops=["read"], ticket_id="zc")
     connect = zc_daemon.local if service == "local" else zc_daemon.remote
+    _uncache(image)
     status, body = request(connect(), "GET", "/images/zc")
+    if zc_daemon.direct and shutil.which("fincore"):
+        assert _cached(image) == 0      # splice of an O_DIRECT fd reads past the page cache
     assert status == 200 and body == content(image)
     for start, end in ((1, 4097), (2 * MiB - 1, 2 * MiB + 1), (SIZE - 1000, SIZE - 1)):
         status, body = request(connect(), "GET", "/images/zc",

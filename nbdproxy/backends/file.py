@@ -1,12 +1,6 @@
 """The file: backend (API.md 7a): a raw file or a block device served without an NBD server, with
-O_DIRECT where the filesystem takes it and the page cache where it does not.
-
-Zero copy, 1 GiB file to a unix socket pair (reader in another process), medians of 3, kernel
-6.18, 2 shared cores: O_DIRECT on ext4, sendfile 378 MiB/s at 0.57 s CPU/GiB against pread +
-sendall 787 MiB/s at 0.19 s (the kernel reads an O_DIRECT fd for sendfile in 64 KiB pieces; it
-never fills the page cache); on /dev/shm 2152 vs 3034 MiB/s. Buffered, cached ext4: sendfile
-2961 MiB/s at 0.09 s CPU/GiB vs 4356 at 0.12 s; /dev/shm 3716 at 0.08 s vs 2928 at 0.23 s. So
-zero copy (caps.zero_copy) only for buffered fds; send_to on an O_DIRECT fd reads and sends.
+O_DIRECT where the filesystem takes it and the page cache where it does not. Plain-socket
+downloads are zero copy (zero_copy.py): sendfile from the page cache, splice for O_DIRECT fds.
 """
 
 import collections
@@ -19,8 +13,8 @@ import os
 import threading
 
 from .. import errors
-from . import Caps, Extent, fileio
-from .direct_io import PIECE, AlignedIO, down
+from . import Caps, Extent, fileio, zero_copy
+from .direct_io import PIECE, AlignedIO, down, split
 from .pipeline import DEPTH_IN_FLIGHT, Pipeline, read_fully
 from .pool import Pool
 
@@ -86,7 +80,7 @@ class FileBackend(Pool):
 
     def caps(self, ch=None):
         return Caps(zero=True, flush=True, extents=frozenset({"zero"}), multi_conn=True,
-                    max_connections=self.limit, zero_copy=not self.direct,
+                    max_connections=self.limit, zero_copy=True,
                     fast_zero=self.fast_zero)
 
     def _open_channel(self):
@@ -345,20 +339,41 @@ class FileChannel(Pipeline, AlignedIO):
 
     # Zero copy (plain sockets only; the caller decides).
 
-    def send_to(self, sock, offset, length):
-        """Send the range to sock, one piece a yield: sendfile for buffered fds; an O_DIRECT fd
-        is read and sent (faster and cheaper than its sendfile, see above)."""
+    def send_to(self, sock, offset, length, last=None):
+        """Send the range to sock, yielding each piece's size once it is sent; last(n) is called
+        just before the last piece goes out. Buffered fds sendfile from the page cache; O_DIRECT
+        ones splice whole blocks (never through the page cache) and send partial ones read."""
+        if self._b.direct:
+            yield from self._splice_to(sock, offset, length, last)
+            return
         end = offset + length
         while offset < end:
             n = min(PIECE, end - offset)
-            if self._b.direct:
-                fileio.send_all(sock, self.read_into(self._spare()[:n], offset))
-            else:
-                self.check(offset, n)
-                with self._io("sendfile"):
-                    fileio.sendfile(sock, self.fd, offset, n)
+            self.check(offset, n)
+            if last is not None and offset + n == end:
+                last(n)
+            with self._io("sendfile"):
+                zero_copy.sendfile(sock, self.fd, offset, n)
             yield n
             offset += n
+
+    def _splice_to(self, sock, offset, length, last):
+        end = offset + length
+        head, mid = split(offset, end, self._b.align)
+        for s, e, whole in ((offset, head, False), (head, mid, True), (mid, end, False)):
+            if e <= s:
+                continue
+            final = last if e == end else None
+            with self._io("read"):
+                if whole:
+                    yield from zero_copy.splice_out(self.fd, sock, s, e - s, self._b.io.submit,
+                                                    self._b.align, self.check, final)
+                    continue
+                view = self.read_into(self._spare()[:e - s], s)
+            if final is not None:
+                final(e - s)
+            zero_copy.send_all(sock, view)
+            yield e - s
 
     def recv_from(self, source, offset, length):
         """Write length bytes from source (a socket, or a readinto callable) at offset, one piece
@@ -366,7 +381,7 @@ class FileChannel(Pipeline, AlignedIO):
         buffer and written (O_DIRECT takes no pipe pages)."""
         size = self.check(offset, length)
         end = offset + length
-        with fileio.Pipe(PIECE) as pipe:
+        with zero_copy.Pipe(PIECE) as pipe:
             while offset < end:
                 n = min(PIECE, end - offset)
                 with self._io("write"):

@@ -7,12 +7,10 @@ import errno
 import fcntl
 import mmap
 import os
-import select
 import stat
 import struct
 import threading
 
-from .. import errors
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -29,8 +27,6 @@ FS_IOC_FIEMAP = 0xc020660b      # _IOWR('f', 11, struct fiemap)
 FIEMAP_FLAG_SYNC = 0x1
 FIEMAP_EXTENT_LAST = 0x1
 FIEMAP_EXTENT_UNWRITTEN = 0x800
-F_SETPIPE_SZ = 1031
-SPLICE_F_MOVE = 1
 _FIEMAP_HEAD = struct.Struct("=QQIIII")          # start, length, flags, mapped, count, reserved
 _FIEMAP_EXTENT = struct.Struct("=QQQ16xI12x")     # logical, physical, length, flags
 # Extents asked per FIEMAP call: 512 * 56 bytes; a multi-TiB file is mapped in bounded calls.
@@ -254,77 +250,6 @@ def seek_data(fd, start, end):
         hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
         yield data, hole - data
         pos = hole
-
-
-def _wait_writable(sock):
-    """For sockets with a timeout (non-blocking fds): wait until sock takes more. A blocking
-    socket says EAGAIN only when its SO_SNDTIMEO ran out: the client took nothing that long."""
-    timeout = sock.gettimeout()
-    if timeout is None:
-        raise TimeoutError("the client read nothing for the inactivity timeout")
-    if not select.select([], [sock], [], timeout)[1]:
-        raise errors.ClientGone(f"the client took nothing for {timeout} s")
-
-
-def sendfile(sock, fd, offset, length):
-    """os.sendfile the whole range to sock; a client that went away is errors.ClientGone."""
-    out = sock.fileno()
-    while length:
-        try:
-            n = os.sendfile(out, fd, offset, length)
-        except BlockingIOError:
-            _wait_writable(sock)
-            continue
-        except (BrokenPipeError, ConnectionResetError) as e:
-            raise errors.ClientGone(f"the client went away: {e}") from e
-        if n == 0:
-            raise OSError(errno.ENODATA, "the file ended early")
-        offset, length = offset + n, length - n
-
-
-def send_all(sock, data):
-    try:
-        sock.sendall(data)
-    except (BrokenPipeError, ConnectionResetError) as e:
-        raise errors.ClientGone(f"the client went away: {e}") from e
-
-
-class Pipe:
-    """A pipe for splice(2) from a socket into a file, sized to one piece where allowed."""
-
-    def __init__(self, size):
-        self.size = size
-        self.r = self.w = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for fd in (self.r, self.w):
-            if fd is not None:
-                os.close(fd)
-
-    def splice(self, sock, fd, offset, length):
-        """Move length bytes from sock into fd at offset; the socket side ending early is
-        errors.ClientGone."""
-        if self.r is None:
-            self.r, self.w = os.pipe()
-            with contextlib.suppress(OSError):
-                fcntl.fcntl(self.w, F_SETPIPE_SZ, self.size)
-        src = sock.fileno()
-        while length:
-            try:
-                n = os.splice(src, self.w, length, flags=SPLICE_F_MOVE)
-            except BlockingIOError:
-                if not select.select([sock], [], [], sock.gettimeout())[0]:
-                    raise errors.ClientGone("the client sent nothing in time") from None
-                continue
-            if n == 0:
-                raise errors.ClientGone(f"request body ended {length} bytes early")
-            length -= n
-            while n:
-                k = os.splice(self.r, fd, n, offset_dst=offset, flags=SPLICE_F_MOVE)
-                offset, n = offset + k, n - k
 
 
 def address(view):
