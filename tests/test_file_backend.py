@@ -269,6 +269,44 @@ def test_range_past_the_current_size(tmp_path):
     assert os.path.getsize(path) == MiB // 2
 
 
+@pytest.mark.parametrize("direct", [True, False])
+def test_file_shrinks_during_a_zero_copy_send(tmp_path, direct):
+    """Pieces read ahead into pipes past the new end fail the send with the new size; the
+    pipes are closed and the bytes sent before it are the file's."""
+    path = make(tmp_path / "img", 32 * MiB)
+    original = content(path)
+    b = open_file(path, writable=False, direct=direct)
+    a, c = socket.socketpair()
+    got = bytearray()
+    reader = threading.Thread(target=lambda: _read_all(c, got))
+    reader.start()
+    try:
+        with b.lend() as ch:
+            fds = len(os.listdir("/proc/self/fd"))
+            sending = ch.send_to(a, 0, 32 * MiB)
+            first = next(sending)
+            os.truncate(path, 16 * MiB)
+            with pytest.raises(errors.RangeNotSatisfiable) as e:
+                for n in sending:
+                    first += n
+            assert e.value.size == 16 * MiB and first <= 16 * MiB
+            assert len(os.listdir("/proc/self/fd")) == fds
+    finally:
+        a.close()
+        reader.join()
+        c.close()
+        b.close()
+    assert len(got) == first and bytes(got) == original[:first]
+
+
+def _read_all(sock, out):
+    while True:
+        chunk = sock.recv(MiB)
+        if not chunk:
+            return
+        out += chunk
+
+
 @pytest.mark.parametrize("how", ["unlink", "replace"])
 def test_file_removed_or_replaced(tmp_path, how):
     path = make(tmp_path / "img", MiB)

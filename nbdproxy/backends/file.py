@@ -15,7 +15,7 @@ import threading
 from .. import errors
 from . import Caps, Extent, fileio, zero_copy
 from .direct_io import PIECE, AlignedIO, down, split
-from .pipeline import DEPTH_IN_FLIGHT, Pipeline, read_fully
+from .pipeline import DEPTH_IN_FLIGHT, Pipeline, ran_here, read_fully
 from .pool import Pool
 
 log = logging.getLogger("nbdproxy.file")
@@ -182,7 +182,7 @@ class FileChannel(Pipeline, AlignedIO):
             # Buffered writes of one file contend for its inode lock: parallel ones only spin
             # (make bench, --no-file-direct uploads: 2.3-3.7 CPU-s/GiB). The write-behind
             # thread writes them itself, one at a time, while the body is read.
-            return [(_done(self._write_piece, view, offset, zero, punch_hole), None)]
+            return [(ran_here(self._write_piece, view, offset, zero, punch_hole), None)]
         return [(self._b.io.submit(self._write_piece, view, offset, zero, punch_hole), None)]
 
     def _wait(self, cookie, submitted=None):
@@ -407,16 +407,6 @@ def _checked(items, check):
         if check is not None:
             check()
         yield item
-
-
-def _done(fn, *args):
-    """fn(*args) run now, as a finished Future (its error kept for _wait, as the pool's are)."""
-    future = concurrent.futures.Future()
-    try:
-        future.set_result(fn(*args))
-    except BaseException as e:
-        future.set_exception(e)
-    return future
 
 
 def _punches(fd):

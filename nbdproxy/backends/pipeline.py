@@ -7,6 +7,7 @@ the threads; nothing is copied. Pieces that are all zeros become zero requests.
 """
 
 import collections
+import concurrent.futures
 import queue
 import threading
 
@@ -208,6 +209,17 @@ class Pipeline:
                 pass
         finally:
             self._drain(inflight)
+
+
+def ran_here(fn, *args):
+    """fn(*args) run on this thread, as a finished Future (its error kept for result(), as a
+    pool's would be): for work that gains nothing from another thread."""
+    future = concurrent.futures.Future()
+    try:
+        future.set_result(fn(*args))
+    except BaseException as e:
+        future.set_exception(e)
+    return future
 
 
 def read_fully(readinto, view, exact):

@@ -18,6 +18,7 @@ import os
 import select
 
 from .. import errors
+from .pipeline import ran_here
 
 F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
@@ -87,6 +88,8 @@ def splice_out(fd, sock, offset, length, run, align, check, last=None):
     piece = max(align, cap // align * align)
     pipes = collections.deque(made)
     depth = max(2, min(16, IN_FLIGHT // piece))
+    if length <= piece:
+        run = ran_here  # one piece: a thread would only add a hand-over
     inflight = collections.deque()
     pos, end = offset, offset + length
     try:
