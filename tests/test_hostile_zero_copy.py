@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from support import Daemon
+from support import Daemon, request
 
 MiB = 1024**2
 SIZE = 24 * MiB
@@ -67,3 +67,20 @@ def test_client_gone_mid_download_is_not_an_error(zc_daemon, image):
     assert " ERROR " not in log and "Traceback" not in log, log
     assert "client gone" in log
 
+
+def test_stalled_client_is_not_a_storage_error(zc_daemon, image):
+    """A client that reads nothing for the inactivity timeout: the send times out on the socket.
+    That is the client's doing, not "read failed" on the file (an ERROR naming the image)."""
+    zc_daemon.add_ticket(f"file://{image}", SIZE, ops=["read"], ticket_id="stalled",
+                         inactivity_timeout=1)
+    since = len(zc_daemon.read_log())
+    s = _get(zc_daemon, "stalled")
+    try:
+        log = _log_of(zc_daemon, "stalled", since)
+    finally:
+        s.close()
+    assert " ERROR " not in log and "failed: None" not in log, log
+    assert "client gone" in log
+    status, _ = request(zc_daemon.local(), "GET", "/images/stalled",
+                        headers={"Range": "bytes=0-4095"})
+    assert status == 206

@@ -30,10 +30,11 @@ IN_FLIGHT = 8 * 1024**2     # bytes read ahead into pipes per splice_out
 
 def _wait_writable(sock):
     """For sockets with a timeout (non-blocking fds): wait until sock takes more. A blocking
-    socket says EAGAIN only when its SO_SNDTIMEO ran out: the client took nothing that long."""
+    socket says EAGAIN only when its SO_SNDTIMEO ran out: the client took nothing that long.
+    Either is ClientGone, not an OSError: the file channel takes OSErrors for its file's."""
     timeout = sock.gettimeout()
     if timeout is None:
-        raise TimeoutError("the client read nothing for the inactivity timeout")
+        raise errors.ClientGone("the client read nothing for the inactivity timeout")
     if not select.select([], [sock], [], timeout)[1]:
         raise errors.ClientGone(f"the client took nothing for {timeout} s")
 
