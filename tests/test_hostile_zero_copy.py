@@ -1,9 +1,11 @@
 """Zero-copy downloads of file tickets against hostile clients: what the daemon logs and leaves
 behind when the client goes away or stops reading in the middle of a body."""
 
+import json
 import os
 import re
 import socket
+import subprocess
 import time
 
 import pytest
@@ -84,3 +86,26 @@ def test_stalled_client_is_not_a_storage_error(zc_daemon, image):
     status, _ = request(zc_daemon.local(), "GET", "/images/stalled",
                         headers={"Range": "bytes=0-4095"})
     assert status == 206
+
+
+def test_stalled_downloads_leave_file_descriptors_for_the_control_socket(workdir, image):
+    """Each zero-copy download takes pipes (two fds each) while it fills them: stalled downloads
+    on several tickets must not take every fd the daemon may open, or accept() fails and the
+    control socket (the way to see and remove those tickets) stops answering."""
+    d = Daemon(str(workdir / "daemon-fds"))
+    socks = []
+    try:
+        subprocess.run(["prlimit", f"--pid={d.proc.pid}", "--nofile=300:300"], check=True)
+        for t in range(4):
+            d.add_ticket(f"file://{image}", SIZE, ops=["read"], ticket_id=f"t{t}")
+        for i in range(24):     # nbd_connections (8) on each of 3 tickets, 6 on the 4th
+            socks.append(_get(d, f"t{i % 4}"))
+        time.sleep(0.5)         # their pipes are filled and wait for the clients
+        conn = d.control()
+        conn.timeout = 5
+        status, body = request(conn, "GET", "/tickets/t0")
+        assert status == 200 and json.loads(body)["active"]
+    finally:
+        for s in socks:
+            s.close()
+        d.stop()

@@ -15,7 +15,9 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 import select
+import threading
 
 from .. import errors
 from .pipeline import ran_here
@@ -67,6 +69,32 @@ def send_all(sock, data):
         sock.sendall(data)
 
 
+class _FdBudget:
+    """The pipes splice_out adds to a download's first one share a quarter of the open file
+    limit: a stalled download keeps its pipes, and a daemon out of fds fails accept() on every
+    socket, the control socket (which removes those tickets) too."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._left = None
+
+    def take(self, n):
+        with self._lock:
+            if self._left is None:     # after the daemon raised its limit
+                self._left = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
+            if self._left < n:
+                return False
+            self._left -= n
+            return True
+
+    def give(self, n):
+        with self._lock:
+            self._left += n
+
+
+_extra_fds = _FdBudget()
+
+
 def _pipe(size):
     """(read end, write end, capacity): a pipe of size bytes where allowed, else the default."""
     r, w = os.pipe2(os.O_CLOEXEC)
@@ -116,14 +144,18 @@ def splice_out(fd, sock, offset, length, run, align, check, last=None):
         for r, w in made:
             os.close(r)
             os.close(w)
+        _extra_fds.give(2 * (len(made) - 1))
 
 
 def _grow(made, pipes, piece):
     """One more pipe, if it holds a piece: past the user's pipe-user-pages-soft the kernel
     gives small pipes only, and a piece larger than its pipe would never finish filling."""
+    if not _extra_fds.take(2):
+        return False
     try:
         r, w, cap = _pipe(piece)
     except OSError:         # out of file descriptors: go on with the pipes there are
+        _extra_fds.give(2)
         return False
     made.append((r, w))
     if cap < piece:
