@@ -458,7 +458,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 conn.bytes_out += len(chunk)
             if chunked:
                 write(b"0\r\n\r\n")
-        except OSError:
+        except (OSError, errors.ClientGone):
+            # The client's side (zero copy says ClientGone): _send logs it as such, not as a
+            # failed response.
             raise
         except Exception as e:
             self.close_connection = True

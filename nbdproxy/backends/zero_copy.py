@@ -15,7 +15,9 @@ import contextlib
 import errno
 import fcntl
 import os
+import resource
 import select
+import threading
 
 from .. import errors
 from .pipeline import ran_here
@@ -30,10 +32,11 @@ IN_FLIGHT = 8 * 1024**2     # bytes read ahead into pipes per splice_out
 
 def _wait_writable(sock):
     """For sockets with a timeout (non-blocking fds): wait until sock takes more. A blocking
-    socket says EAGAIN only when its SO_SNDTIMEO ran out: the client took nothing that long."""
+    socket says EAGAIN only when its SO_SNDTIMEO ran out: the client took nothing that long.
+    Either is ClientGone, not an OSError: the file channel takes OSErrors for its file's."""
     timeout = sock.gettimeout()
     if timeout is None:
-        raise TimeoutError("the client read nothing for the inactivity timeout")
+        raise errors.ClientGone("the client read nothing for the inactivity timeout")
     if not select.select([], [sock], [], timeout)[1]:
         raise errors.ClientGone(f"the client took nothing for {timeout} s")
 
@@ -64,6 +67,32 @@ def sendfile(sock, fd, offset, length):
 def send_all(sock, data):
     with _to_client(sock):
         sock.sendall(data)
+
+
+class _FdBudget:
+    """The pipes splice_out adds to a download's first one share a quarter of the open file
+    limit: a stalled download keeps its pipes, and a daemon out of fds fails accept() on every
+    socket, the control socket (which removes those tickets) too."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._left = None
+
+    def take(self, n):
+        with self._lock:
+            if self._left is None:     # after the daemon raised its limit
+                self._left = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
+            if self._left < n:
+                return False
+            self._left -= n
+            return True
+
+    def give(self, n):
+        with self._lock:
+            self._left += n
+
+
+_extra_fds = _FdBudget()
 
 
 def _pipe(size):
@@ -115,14 +144,18 @@ def splice_out(fd, sock, offset, length, run, align, check, last=None):
         for r, w in made:
             os.close(r)
             os.close(w)
+        _extra_fds.give(2 * (len(made) - 1))
 
 
 def _grow(made, pipes, piece):
     """One more pipe, if it holds a piece: past the user's pipe-user-pages-soft the kernel
     gives small pipes only, and a piece larger than its pipe would never finish filling."""
+    if not _extra_fds.take(2):
+        return False
     try:
         r, w, cap = _pipe(piece)
     except OSError:         # out of file descriptors: go on with the pipes there are
+        _extra_fds.give(2)
         return False
     made.append((r, w))
     if cap < piece:
