@@ -468,7 +468,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 log.info("stopped sending: %s", e)
             else:
                 log.error("response failed after its head was sent: %s", e,
-                          exc_info=not isinstance(e, errors.BackendError))
+                          exc_info=not isinstance(e, errors.Error))
 
     def send_error(self, code, message=None, explain=None):
         """Errors found while parsing the request head: text/plain, and the connection closes."""

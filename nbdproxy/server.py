@@ -21,6 +21,7 @@ from .backends import image as image_backend
 from .backends.pool import IdleCloser
 from .backends.qemu_nbd import Supervisor
 from .backends.upstream import tls_context as backend_tls_context
+from .backends.zero_copy import FdBudget
 from .errors import ConfigError
 
 log = logging.getLogger("nbdproxy.server")
@@ -461,7 +462,7 @@ class Server:
             closer=IdleCloser(), metrics=self.metrics,
             backend_timeout=config.backend_timeout,
             backend_ssl=backend_tls_context(config.backend_ca_file),
-            run_dir=config.run_dir, qemu_nbd=Supervisor())
+            run_dir=config.run_dir, qemu_nbd=Supervisor(), pipe_fds=FdBudget())
         self.metrics.qemu_nbd = self.backend_settings.qemu_nbd
         self.registry = tickets.Registry(self._open_backend, config.remove_timeout, self.metrics,
                                          config.max_tickets)

@@ -42,6 +42,7 @@ class Settings:
     metrics: object = None
     run_dir: str = "/run/nbdproxy/images"   # the sockets of image tickets' qemu-nbd
     qemu_nbd: object = None     # the daemon's qemu_nbd.Supervisor
+    pipe_fds: object = None     # the daemon's zero_copy.FdBudget (zero-copy downloads' pipes)
 
 
 def open_backend(url, writable, dirty, settings, image=None, size=None, sparse=False):
@@ -54,7 +55,7 @@ def open_backend(url, writable, dirty, settings, image=None, size=None, sparse=F
     if url.startswith("file:"):
         from . import file
         return file.open_file(url, writable, settings.file_direct, settings.nbd_connections,
-                              settings.nbd_idle_timeout, settings.closer)
+                              settings.nbd_idle_timeout, settings.closer, settings.pipe_fds)
     if url.startswith(("https:", "http:")):
         from . import http
         return http.open_backend(url, writable, settings)

@@ -33,9 +33,11 @@ def parse_url(url):
     return url
 
 
-def open_file(url, writable, direct=True, max_connections=8, idle_timeout=None, closer=None):
+def open_file(url, writable, direct=True, max_connections=8, idle_timeout=None, closer=None,
+              pipe_fds=None):
     """A FileBackend for a file: URL or path; errors.BadRequest("Invalid ticket: ...") if unusable."""
-    return FileBackend(parse_url(url), writable, direct, max_connections, idle_timeout, closer)
+    return FileBackend(parse_url(url), writable, direct, max_connections, idle_timeout, closer,
+                       pipe_fds)
 
 
 class FileBackend(Pool):
@@ -44,10 +46,10 @@ class FileBackend(Pool):
     verdict: the kernel reports a writeback error once, so every later flush fails."""
 
     def __init__(self, path, writable, direct=True, max_connections=8, idle_timeout=None,
-                 closer=None):
+                 closer=None, pipe_fds=None):
         if not path.startswith("/"):
             raise errors.BadRequest(f"Invalid ticket: {path}: not an absolute path")
-        self.path, self.writable = path, writable
+        self.path, self.writable, self.pipe_fds = path, writable, pipe_fds
         self.locks = fileio.BlockLocks()
         self._flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
         try:
@@ -91,6 +93,14 @@ class FileBackend(Pool):
         except OSError as e:
             raise errors.BackendError(f"{self.path}: cannot open: {e.strerror}") from e
         return FileChannel(self, fd)
+
+    def run(self, fn, *args):
+        """fn(*args) on the I/O threads, as a Future; a request still running when its ticket
+        was closed (DELETE, or replaced) fails as one, not with the pool's RuntimeError."""
+        try:
+            return self.io.submit(fn, *args)
+        except RuntimeError:
+            raise errors.BackendError(f"{self.path}: the ticket was closed") from None
 
     def flush(self, ch):
         if self.lost:
@@ -175,7 +185,7 @@ class FileChannel(Pipeline, AlignedIO):
     # Pipeline: a piece is a task of the backend's pool; its future is the cookie.
 
     def _submit_read(self, view, offset):
-        return [(self._b.io.submit(self.read_into, view, offset), None)]
+        return [(self._b.run(self.read_into, view, offset), None)]
 
     def _submit_write(self, view, offset, zero, punch_hole):
         if not self._b.direct:
@@ -183,7 +193,7 @@ class FileChannel(Pipeline, AlignedIO):
             # (make bench, --no-file-direct uploads: 2.3-3.7 CPU-s/GiB). The write-behind
             # thread writes them itself, one at a time, while the body is read.
             return [(ran_here(self._write_piece, view, offset, zero, punch_hole), None)]
-        return [(self._b.io.submit(self._write_piece, view, offset, zero, punch_hole), None)]
+        return [(self._b.run(self._write_piece, view, offset, zero, punch_hole), None)]
 
     def _wait(self, cookie, submitted=None):
         cookie.result()
@@ -366,8 +376,9 @@ class FileChannel(Pipeline, AlignedIO):
             final = last if e == end else None
             with self._io("read"):
                 if whole:
-                    yield from zero_copy.splice_out(self.fd, sock, s, e - s, self._b.io.submit,
-                                                    self._b.align, self.check, final)
+                    yield from zero_copy.splice_out(self.fd, sock, s, e - s, self._b.run,
+                                                    self._b.align, self.check, final,
+                                                    self._b.pipe_fds)
                     continue
                 view = self.read_into(self._spare()[:e - s], s)
             if final is not None:

@@ -26,7 +26,7 @@ F_SETPIPE_SZ = 1031
 F_GETPIPE_SZ = 1032
 SPLICE_F_MOVE = 1
 
-PIPE_SIZE = 1024**2         # pages per pipe: the most an unprivileged process may ask for
+PIPE_SIZE = 1024**2         # bytes per pipe: the most an unprivileged process may ask for
 IN_FLIGHT = 8 * 1024**2     # bytes read ahead into pipes per splice_out
 
 
@@ -69,18 +69,19 @@ def send_all(sock, data):
         sock.sendall(data)
 
 
-class _FdBudget:
-    """The pipes splice_out adds to a download's first one share a quarter of the open file
-    limit: a stalled download keeps its pipes, and a daemon out of fds fails accept() on every
-    socket, the control socket (which removes those tickets) too."""
+class FdBudget:
+    """The fds of the pipes downloads add to their first one: a quarter of the open file limit,
+    shared by the daemon's downloads (Settings.pipe_fds). A stalled download keeps its pipes,
+    and a daemon out of fds fails accept() on every socket, the control socket (which removes
+    those tickets) too."""
 
-    def __init__(self):
+    def __init__(self, limit=None):
         self._lock = threading.Lock()
-        self._left = None
+        self._left = limit
 
     def take(self, n):
         with self._lock:
-            if self._left is None:     # after the daemon raised its limit
+            if self._left is None:     # read at first use: after the daemon raised its limit
                 self._left = resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4
             if self._left < n:
                 return False
@@ -92,9 +93,6 @@ class _FdBudget:
             self._left += n
 
 
-_extra_fds = _FdBudget()
-
-
 def _pipe(size):
     """(read end, write end, capacity): a pipe of size bytes where allowed, else the default."""
     r, w = os.pipe2(os.O_CLOEXEC)
@@ -103,15 +101,17 @@ def _pipe(size):
     return r, w, fcntl.fcntl(w, F_GETPIPE_SZ)
 
 
-def splice_out(fd, sock, offset, length, run, align, check, last=None):
+def splice_out(fd, sock, offset, length, run, align, check, last=None, fds=None):
     """Send [offset, offset+length) of fd (aligned to align for O_DIRECT) to sock through pipes,
     yielding each piece's size once it is sent; last(n) is called just before the last piece.
 
     run(fn, *args) starts fn on another thread and returns its Future, so that IN_FLIGHT bytes
     are being read while the oldest piece is sent. check(offset, n) runs before each read: it
     raises if the range is no longer in the file. A piece never exceeds its pipe's capacity, so
-    a filling thread never blocks on a full pipe.
+    a filling thread never blocks on a full pipe. Pipes past the first are taken from fds (a
+    FdBudget), when given.
     """
+    fds = fds or FdBudget(float("inf"))
     r, w, cap = _pipe(PIPE_SIZE)
     made = [(r, w)]
     piece = max(align, cap // align * align)
@@ -124,7 +124,7 @@ def splice_out(fd, sock, offset, length, run, align, check, last=None):
     try:
         while pos < end or inflight:
             while pos < end and len(inflight) < depth:
-                if not pipes and not _grow(made, pipes, piece):
+                if not pipes and not _grow(made, pipes, piece, fds):
                     depth = len(inflight)
                     break
                 p = pipes.popleft()
@@ -144,18 +144,18 @@ def splice_out(fd, sock, offset, length, run, align, check, last=None):
         for r, w in made:
             os.close(r)
             os.close(w)
-        _extra_fds.give(2 * (len(made) - 1))
+        fds.give(2 * (len(made) - 1))
 
 
-def _grow(made, pipes, piece):
+def _grow(made, pipes, piece, fds):
     """One more pipe, if it holds a piece: past the user's pipe-user-pages-soft the kernel
     gives small pipes only, and a piece larger than its pipe would never finish filling."""
-    if not _extra_fds.take(2):
+    if not fds.take(2):
         return False
     try:
         r, w, cap = _pipe(piece)
     except OSError:         # out of file descriptors: go on with the pipes there are
-        _extra_fds.give(2)
+        fds.give(2)
         return False
     made.append((r, w))
     if cap < piece:
@@ -167,7 +167,11 @@ def _grow(made, pipes, piece):
 def _fill(fd, w, offset, n, check):
     check(offset, n)
     while n:
-        k = os.splice(fd, w, n, offset_src=offset)
+        try:
+            k = os.splice(fd, w, n, offset_src=offset)
+        except OSError:
+            check(offset, n)        # an O_DIRECT read past a new, unaligned end is EINVAL
+            raise
         if k == 0:
             check(offset, n)        # the file shrank: says so as a 416 or a 500
             raise OSError(errno.ENODATA, "the file ended early")
@@ -175,13 +179,15 @@ def _fill(fd, w, offset, n, check):
 
 
 def _drain(r, sock, n):
+    """Only the socket side of this splice can fail: any error is the client's."""
     out = sock.fileno()
     while n:
         try:
-            with _to_client(sock):
-                n -= os.splice(r, out, n, flags=SPLICE_F_MOVE)
+            n -= os.splice(r, out, n, flags=SPLICE_F_MOVE)
         except BlockingIOError:
             _wait_writable(sock)
+        except OSError as e:
+            raise errors.ClientGone(f"the client went away: {e}") from e
 
 
 class Pipe:
