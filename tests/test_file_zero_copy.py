@@ -1,8 +1,11 @@
 """Zero copy (issue 13, point 4): GET of a file ticket over a plain socket goes from the file to the
 socket (sendfile from the page cache, splice of an O_DIRECT fd) with the same bytes, ranges,
-progress, cancel and timeouts as the buffered path; TLS keeps the buffered path."""
+progress, cancel and timeouts as the buffered path; TLS keeps the buffered path. Hostile clients:
+what the daemon logs and leaves behind when one goes away or stops reading mid-body."""
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -144,3 +147,84 @@ def test_stalled_reader_is_cut_at_the_inactivity_timeout(zc_daemon, image):
     status, body = request(zc_daemon.local(), "GET", "/images/stall",
                            headers={"Range": "bytes=0-4095"})
     assert status == 206 and body == content(image, 0, 4096)
+
+
+def _log_of(daemon, ticket_id, since):
+    """The daemon's log lines after offset since, once the ticket's read operation ended."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        log = daemon.read_log()[since:]
+        if re.search(rf"op=read ticket={ticket_id} .* failed", log):
+            return log
+        time.sleep(0.05)
+    raise AssertionError(f"the read of {ticket_id} did not end:\n{log}")
+
+
+def test_client_gone_mid_download_is_not_an_error(zc_daemon, image):
+    """A client that closes the connection in the middle of a body is a client gone (one INFO
+    line), as with the buffered path: no ERROR and no traceback that send an operator looking
+    for a daemon bug."""
+    zc_daemon.add_ticket(f"file://{image}", SIZE, ops=["read"], ticket_id="gone")
+    since = len(zc_daemon.read_log())
+    s = _slow_get(zc_daemon, "gone")
+    s.recv(65536)
+    s.close()
+    log = _log_of(zc_daemon, "gone", since)
+    assert " ERROR " not in log and "Traceback" not in log, log
+    assert "client gone" in log
+
+
+def test_stalled_client_is_not_a_storage_error(zc_daemon, image):
+    """A client that reads nothing for the inactivity timeout: the send times out on the socket.
+    That is the client's doing, not "read failed" on the file (an ERROR naming the image)."""
+    zc_daemon.add_ticket(f"file://{image}", SIZE, ops=["read"], ticket_id="stalled",
+                         inactivity_timeout=1)
+    since = len(zc_daemon.read_log())
+    s = _slow_get(zc_daemon, "stalled")
+    try:
+        log = _log_of(zc_daemon, "stalled", since)
+    finally:
+        s.close()
+    assert " ERROR " not in log and "failed: None" not in log, log
+    assert "client gone" in log
+    status, _ = request(zc_daemon.local(), "GET", "/images/stalled",
+                        headers={"Range": "bytes=0-4095"})
+    assert status == 206
+
+
+def test_stalled_downloads_leave_file_descriptors_for_the_control_socket(workdir, image):
+    """Each zero-copy download takes pipes (two fds each) while it fills them: stalled downloads
+    on several tickets must not take every fd the daemon may open, or accept() fails and the
+    control socket (the way to see and remove those tickets) stops answering."""
+    d = Daemon(str(workdir / "daemon-fds"))
+    socks = []
+    try:
+        subprocess.run(["prlimit", f"--pid={d.proc.pid}", "--nofile=300:300"], check=True)
+        for t in range(4):
+            d.add_ticket(f"file://{image}", SIZE, ops=["read"], ticket_id=f"t{t}")
+        for i in range(24):     # nbd_connections (8) on each of 3 tickets, 6 on the 4th
+            socks.append(_slow_get(d, f"t{i % 4}"))
+        fds = _settled_fd_count(d.proc.pid)     # their pipes are filled, waiting for clients
+        assert fds < 250, fds
+        conn = d.control()
+        conn.timeout = 5
+        status, body = request(conn, "GET", "/tickets/t0")
+        assert status == 200 and json.loads(body)["active"]
+    finally:
+        for s in socks:
+            s.close()
+        d.stop()
+
+
+def _settled_fd_count(pid, still=1.0, timeout=15):
+    """The process's open fd count once it has not changed for `still` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        n = len(os.listdir(f"/proc/{pid}/fd"))
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since >= still:
+            return n
+        time.sleep(0.1)
+    return last
