@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 
 import nbd
@@ -292,3 +293,55 @@ class exported:
             assert status == 204
         finally:
             self.server.stop()
+
+
+class StubServer:
+    """A TCP server whose every connection is served by self.serve(conn, rfile) on a thread of
+    its own, until the peer or close() ends it: the base of the upstreams tests script. Set what
+    serve() needs before calling __init__ (the accept thread starts there)."""
+
+    def __init__(self, host="127.0.0.1"):
+        self.sock = socket.create_server((host, 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
+        try:
+            self.serve(conn, conn.makefile("rb"))
+        except OSError:
+            pass
+
+    def serve(self, conn, rfile):
+        raise NotImplementedError
+
+    def close(self):
+        self.sock.close()
+        for c in self.conns:
+            try:
+                c.close()
+            except OSError:
+                pass
+
+
+def read_head(rfile):
+    """(request line, {lowercased name: value}) of the next request, or (None, None) at the end."""
+    line = rfile.readline()
+    if not line:
+        return None, None
+    headers = {}
+    while True:
+        h = rfile.readline()
+        if h in (b"\r\n", b""):
+            return line, headers
+        k, _, v = h.decode().partition(":")
+        headers[k.strip().lower()] = v.strip()

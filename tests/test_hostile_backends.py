@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from support import Daemon, request
+from support import Daemon, StubServer, read_head, request
 
 MiB = 1024**2
 
@@ -79,62 +79,31 @@ def test_probed_vmdk_descriptor_is_refused(idaemon, secret, tmp_path):
 
 # Proxy tickets in front of a scripted upstream.
 
-class Scripted:
+class Scripted(StubServer):
     """An HTTP/1.1 upstream on 127.0.0.1 whose answers a function writes as raw bytes:
     answer(method, path, headers, body) -> bytes, or None to close the connection."""
 
     def __init__(self, answer):
         self.answer = answer
         self.requests = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__()
 
     def url(self, name="x"):
         return f"http://127.0.0.1:{self.port}/images/{name}"
 
-    def _serve(self):
+    def serve(self, conn, f):
         while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
+            line, headers = read_head(f)
+            if line is None:
                 return
-            self.conns.append(conn)
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn):
-        f = conn.makefile("rb")
-        try:
-            while True:
-                line = f.readline()
-                if not line:
-                    return
-                method, path, _ = line.decode().split(" ", 2)
-                headers = {}
-                while True:
-                    h = f.readline()
-                    if h in (b"\r\n", b""):
-                        break
-                    k, _, v = h.decode().partition(":")
-                    headers[k.strip().lower()] = v.strip()
-                body = f.read(int(headers.get("content-length", 0)))
-                self.requests.append((method, path, headers))
-                out = self.answer(method, path, headers, body)
-                if out is None:
-                    conn.close()
-                    return
-                conn.sendall(out)
-        except OSError:
-            pass
-
-    def close(self):
-        self.sock.close()
-        for c in self.conns:
-            try:
-                c.close()
-            except OSError:
-                pass
+            method, path, _ = line.decode().split(" ", 2)
+            body = f.read(int(headers.get("content-length", 0)))
+            self.requests.append((method, path, headers))
+            out = self.answer(method, path, headers, body)
+            if out is None:
+                conn.close()
+                return
+            conn.sendall(out)
 
 
 def http_answer(status, body=b"", headers=()):
@@ -239,28 +208,22 @@ def test_upstream_extents_that_never_end_can_be_deleted(workdir):
     up = Scripted(answer)
 
     # Extents: an answer without a length whose body never ends.
-    def one(conn):
-        f = conn.makefile("rb")
-        try:
-            while True:
-                line = f.readline()
-                if not line:
-                    return
-                while f.readline() not in (b"\r\n", b""):
-                    pass
-                if line.startswith(b"OPTIONS"):
-                    conn.sendall(options_answer(MiB))
-                    continue
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Connection: close\r\n\r\n[")
-                while not stop.is_set():
-                    conn.sendall(b" " * 65536)
-                    time.sleep(0.01)
+    def endless(conn, f):
+        while True:
+            line, _ = read_head(f)
+            if line is None:
                 return
-        except OSError:
-            pass
+            if line.startswith(b"OPTIONS"):
+                conn.sendall(options_answer(MiB))
+                continue
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Connection: close\r\n\r\n[")
+            while not stop.is_set():
+                conn.sendall(b" " * 65536)
+                time.sleep(0.01)
+            return
 
-    up._one = one
+    up.serve = endless
     d = Daemon(str(workdir / "endless"), args=["--backend-timeout", "2", "--remove-timeout", "3"])
     try:
         add(d, "e", up.url(), MiB)

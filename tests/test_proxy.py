@@ -19,8 +19,8 @@ import time
 import pytest
 from ovirt_imageio import client as imageio_client
 
-from support import (TOP, Daemon, qemu_nbd, read_export, request, response,
-                     UnixHTTPConnection)
+from support import (TOP, Daemon, StubServer, UnixHTTPConnection, qemu_nbd, read_export,
+                     read_head, request, response)
 
 KiB = 1024
 MiB = 1024**2
@@ -478,53 +478,30 @@ def test_bad_urls(proxy):
         assert status == 400 and body.startswith(b"Invalid ticket"), (url, body)
 
 
-class StallingUpstream:
+class StallingUpstream(StubServer):
     """A TCP server on UPSTREAM_HOST that answers OPTIONS and then stalls: after the head of a
     GET (mode "body") or before any answer (mode "head")."""
 
     def __init__(self, mode):
         self.mode = mode
-        self.sock = socket.create_server((UPSTREAM_HOST, 0))
-        self.port = self.sock.getsockname()[1]
-        self.conns = []
-        threading.Thread(target=self._serve, daemon=True).start()
+        super().__init__(UPSTREAM_HOST)
 
-    def _serve(self):
+    def serve(self, conn, f):
         while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
+            line, _ = read_head(f)
+            if line is None:
                 return
-            self.conns.append(conn)
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn):
-        f = conn.makefile("rb")
-        try:
-            while True:
-                line = f.readline()
-                if not line:
-                    return
-                while f.readline() not in (b"\r\n", b""):
-                    pass
-                if line.startswith(b"OPTIONS"):
-                    body = b'{"features":["extents"],"max_readers":1,"max_writers":1,"size":1048576}'
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
-                                 % (len(body), body))
-                elif self.mode == "body":
-                    conn.sendall(b"HTTP/1.1 206 Partial\r\nContent-Length: 1048576\r\n"
-                                 b"Content-Range: bytes 0-1048575/1048576\r\n\r\n"
-                                 + b"x" * 1000)
-                    return      # and stall
-                else:
-                    return
-        except OSError:
-            pass
-
-    def close(self):
-        self.sock.close()
-        for c in self.conns:
-            c.close()
+            if line.startswith(b"OPTIONS"):
+                body = b'{"features":["extents"],"max_readers":1,"max_writers":1,"size":1048576}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            elif self.mode == "body":
+                conn.sendall(b"HTTP/1.1 206 Partial\r\nContent-Length: 1048576\r\n"
+                             b"Content-Range: bytes 0-1048575/1048576\r\n\r\n"
+                             + b"x" * 1000)
+                return      # and stall
+            else:
+                return
 
 
 @pytest.fixture(scope="module")
