@@ -764,44 +764,37 @@ def _image(op, cache, size):
             return rate({"seconds": seconds, "bytes": size, "nbd_cpu": nbd_cpu})
         daemon = ctx.daemons[system]
         ep = daemon.endpoint("unix")
-        if system == "imageio":
-            after = ((lambda server: clients.verify_export(server.sock, ctx.dense, samples))
-                     if upload else None)
-            # measure() with a host's qemu-nbd: this cache mode, default environment.
-            with ctx.nbd.start("qemu-nbd", image, cache=cache, env=systems.host_env()) as server:
-                tid = ctx.ticket_id()
-                url = daemon.add_ticket(tid, server.url, size)
-                try:
-                    cpu0, c0 = daemon.cpu(), os.times()
-                    start = time.perf_counter()
-                    transfer(ep, url)
-                    seconds = time.perf_counter() - start
-                    cpu1, c1 = daemon.cpu(), os.times()
-                    nbd_cpu = server.cpu()
-                finally:
-                    daemon.delete_ticket(tid)
-                if after:
-                    after(server)
-        else:
-            # The image ticket as it is: nbdproxy picks the cache mode (cache=none where
-            # O_DIRECT works); there is no setting for writeback.
-            tid = ctx.ticket_id()
-            url = daemon.add_image_ticket(tid, image,
-                                          ops=("read", "write") if upload else ("read",))
+
+        def timed(tid, url, nbd_cpu):
+            """The transfer through the ticket, which is deleted after it; the sample."""
             try:
                 cpu0, c0 = daemon.cpu(), os.times()
                 start = time.perf_counter()
                 transfer(ep, url)
                 seconds = time.perf_counter() - start
                 cpu1, c1 = daemon.cpu(), os.times()
-                nbd_cpu = daemon.qemu_nbd_cpu()
+                return {"seconds": seconds, "bytes": size, "server_cpu": cpu1 - cpu0,
+                        "nbd_cpu": nbd_cpu(),
+                        "client_cpu": (c1.user + c1.system) - (c0.user + c0.system)}
             finally:
                 daemon.delete_ticket(tid)
+
+        tid = ctx.ticket_id()
+        if system == "imageio":
+            # measure() with a host's qemu-nbd: this cache mode, default environment.
+            with ctx.nbd.start("qemu-nbd", image, cache=cache, env=systems.host_env()) as server:
+                sample = timed(tid, daemon.add_ticket(tid, server.url, size), server.cpu)
+                if upload:
+                    clients.verify_export(server.sock, ctx.dense, samples)
+        else:
+            # The image ticket as it is: nbdproxy picks the cache mode (cache=none where
+            # O_DIRECT works); there is no setting for writeback.
+            url = daemon.add_image_ticket(tid, image,
+                                          ops=("read", "write") if upload else ("read",))
+            sample = timed(tid, url, daemon.qemu_nbd_cpu)
             if upload:
                 clients.verify_file(image, ctx.dense, samples)
-        return rate({"seconds": seconds, "bytes": size, "server_cpu": cpu1 - cpu0,
-                     "nbd_cpu": nbd_cpu,
-                     "client_cpu": (c1.user + c1.system) - (c0.user + c0.system)})
+        return rate(sample)
     return Scenario(f"image-{op}/unix/1conn/{cache}", "MiB/s", run,
                     limit=f"nbdcopy -C 1, image ticket's qemu-nbd", new=True)
 

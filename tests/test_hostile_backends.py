@@ -4,14 +4,13 @@ CORS on the 503 of a full service); each test failed before its fix."""
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
 
 import pytest
 
-from support import Daemon, StubServer, read_head, request
+from support import Daemon, StubServer, raw_exchange, read_head, request
 
 MiB = 1024**2
 
@@ -174,17 +173,8 @@ def test_503_too_many_connections_has_cors_headers(tmp_path):
         kept = d.local()
         kept.request("OPTIONS", "/images/t")
         kept.getresponse().read()
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(15)
-            s.connect(d.local_socket)
-            s.sendall(b"GET /images/t HTTP/1.1\r\nHost: x\r\nOrigin: https://ui.example\r\n"
-                      b"Range: bytes=0-99\r\n\r\n")
-            out = b""
-            while True:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                out += chunk
+        out = raw_exchange(d.local_socket, b"GET /images/t HTTP/1.1\r\nHost: x\r\n"
+                           b"Origin: https://ui.example\r\nRange: bytes=0-99\r\n\r\n", 15)
         kept.close()
         head = out.split(b"\r\n\r\n")[0].decode()
         assert head.startswith("HTTP/1.1 503"), head

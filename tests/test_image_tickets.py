@@ -356,15 +356,20 @@ def test_locks_decide(daemon, qcow2, tmp_path):
     assert_nothing_left(daemon)
 
 
-def test_no_greeting_in_time(tmp_path, raw):
-    # A qemu-nbd that neither greets nor exits (a fake one that sleeps) is killed: 503.
+def _daemon_with_a_hanging(tmp_path, tool):
+    """A daemon (nbd_connect_timeout 1 s) whose PATH finds a fake `tool` that only sleeps."""
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "qemu-nbd").write_text(
+    (fake / tool).write_text(
         f"#!/bin/sh\nexec {sys.executable} -c 'import time; time.sleep(600)' \"$@\"\n")
-    (fake / "qemu-nbd").chmod(0o755)
-    d = start_daemon(tmp_path, "--nbd-connect-timeout", "1",
-                     env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    (fake / tool).chmod(0o755)
+    return start_daemon(tmp_path, "--nbd-connect-timeout", "1",
+                        env={"PATH": f"{fake}:{os.environ['PATH']}"})
+
+
+def test_no_greeting_in_time(tmp_path, raw):
+    # A qemu-nbd that neither greets nor exits (a fake one that sleeps) is killed: 503.
+    d = _daemon_with_a_hanging(tmp_path, "qemu-nbd")
     try:
         started = time.monotonic()
         status, body = put(d, "slow", {"path": raw, "format": "raw"})
@@ -379,13 +384,7 @@ def test_no_greeting_in_time(tmp_path, raw):
 def test_probe_that_hangs(tmp_path, raw):
     """qemu-img info on storage that stopped answering (a fake one that sleeps): the PUT gets
     503 after nbd_connect_timeout instead of hanging the control API."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "qemu-img").write_text(
-        f"#!/bin/sh\nexec {sys.executable} -c 'import time; time.sleep(600)' \"$@\"\n")
-    (fake / "qemu-img").chmod(0o755)
-    d = start_daemon(tmp_path, "--nbd-connect-timeout", "1",
-                     env={"PATH": f"{fake}:{os.environ['PATH']}"})
+    d = _daemon_with_a_hanging(tmp_path, "qemu-img")
     try:
         started = time.monotonic()
         status, body = put(d, "hang", {"path": raw})        # no format: probed
