@@ -192,6 +192,25 @@ def test_stalled_client_is_not_a_storage_error(zc_daemon, image):
     assert status == 206
 
 
+def test_file_shrinking_under_a_download_is_one_error_line(zc_daemon, image, workdir):
+    """The file truncated while a GET streams it: the connection is cut and the log says why in
+    one ERROR line (the new size), with no traceback, which is for bugs of the daemon."""
+    path = str(workdir / f"shrinks-{zc_daemon.direct}.raw")
+    shutil.copyfile(image, path)
+    zc_daemon.add_ticket(f"file://{path}", SIZE, ops=["read"], ticket_id="shrinks")
+    since = len(zc_daemon.read_log())
+    s = _slow_get(zc_daemon, "shrinks")
+    try:
+        os.truncate(path, MiB)
+        got = _drain(s, 10)
+    finally:
+        s.close()
+    assert got < SIZE
+    log = _log_of(zc_daemon, "shrinks", since)
+    assert "past the end of the image" in log or "shrank" in log, log
+    assert "Traceback" not in log, log
+
+
 def test_stalled_downloads_leave_file_descriptors_for_the_control_socket(workdir, image):
     """Each zero-copy download takes pipes (two fds each) while it fills them: stalled downloads
     on several tickets must not take every fd the daemon may open, or accept() fails and the

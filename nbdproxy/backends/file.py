@@ -242,14 +242,15 @@ class FileChannel(Pipeline, AlignedIO):
         return size
 
     @contextlib.contextmanager
-    def _io(self, what):
-        """OSError -> BackendError naming the path; a removed or replaced file says so."""
+    def _io(self, what, offset=0, length=0):
+        """OSError -> BackendError naming the path; a removed or replaced file says so, and a
+        file that shrank under [offset, offset+length) is a 416 with its new size."""
         try:
             yield
         except OSError as e:
             if e.errno == errno.EBADF and self.fd is None:
                 raise errors.BackendError(f"{self._b.path}: {what} on a closed channel") from e
-            self.check(0, 0)
+            self.check(offset, length)
             raise errors.BackendError(f"{self._b.path}: {what} failed: {e.strerror}") from e
 
     # Reading.
@@ -362,7 +363,7 @@ class FileChannel(Pipeline, AlignedIO):
             self.check(offset, n)
             if last is not None and offset + n == end:
                 last(n)
-            with self._io("sendfile"):
+            with self._io("sendfile", offset, n):
                 zero_copy.sendfile(sock, self.fd, offset, n)
             yield n
             offset += n
